@@ -1,0 +1,155 @@
+"""Which implementation of the kernels runs: ``"triton"`` or ``"torch"``.
+
+Selection, in order of precedence:
+
+1. :func:`use` (a context manager, for tests and benchmarks that compare backends);
+2. the environment variable ``LORANULL_BACKEND`` = ``auto`` | ``triton`` | ``torch``;
+3. ``auto``: Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI
+   tests every kernel without a GPU); the PyTorch fallback everywhere else, and for dtypes the Triton kernels do
+   not take (float64).
+
+``report()`` prints what is available on this machine and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("triton", "torch")
+_CHOICES = ("auto",) + BACKENDS
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = TRITON_DTYPES + (torch.float64,)
+
+_override: str | None = None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when ``import triton`` works, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # any failure (missing wheel, broken driver libs) means: no Triton
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def requested() -> str:
+    """The backend asked for: the active :func:`use` override, else ``LORANULL_BACKEND``, else ``"auto"``."""
+    if _override is not None:
+        return _override
+    name = os.environ.get("LORANULL_BACKEND", "auto").strip().lower() or "auto"
+    if name not in _CHOICES:
+        raise ValueError(f"LORANULL_BACKEND={name!r}: expected one of {_CHOICES}")
+    return name
+
+
+def triton_unusable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when the Triton kernels can run on tensors of this device and dtype, else why not."""
+    err = triton_import_error()
+    if err is not None:
+        return f"triton cannot be imported ({err})"
+    if device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing loranull_kernels)"
+    elif device.type != "cuda":
+        return f"Triton kernels do not run on {device.type!r} tensors"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return f"the Triton kernels take {', '.join(str(d) for d in TRITON_DTYPES)}, not {dtype}"
+    return None
+
+
+def select(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run an op on tensors of ``device`` / ``dtype``.
+
+    Raises:
+        RuntimeError: ``triton`` was requested explicitly but cannot run here (the message says why).
+    """
+    req = requested()
+    if req == "torch":
+        return "torch"
+    why = triton_unusable_reason(torch.device(device), dtype)
+    if req == "triton":
+        if why is not None:
+            raise RuntimeError(f"backend 'triton' was requested but {why}")
+        return "triton"
+    return "triton" if why is None else "torch"
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Force a backend (``"triton"``, ``"torch"`` or ``"auto"``) inside a ``with`` block.
+
+    Not thread-local: meant for tests, benchmarks and scripts, not for concurrent use.
+    """
+    global _override
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def poisoning() -> bool:
+    """True when ``LORANULL_POISON_OUTPUTS=1``: kernels fill their output buffers with NaN before writing them, so a
+    test fails on any element a kernel forgot to write (tests set it; never needed in production)."""
+    return os.environ.get("LORANULL_POISON_OUTPUTS", "0") not in ("", "0")
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled under :func:`poisoning` (integer outputs: their max value)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max)
+    return out
+
+
+def extension_status() -> str:
+    """One line on the optional CUDA extension ``loranull_kernels._C``."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        return f"not built ({exc}); the PyTorch implementations run instead"
+    return "built"
+
+
+def report(file=None) -> str:
+    """Print (to ``file``, default stdout) and return what is available here and which backend runs where."""
+    lines = [
+        f"loranull_kernels backends (requested: {requested()})",
+        f"  torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}"
+        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+    ]
+    err = triton_import_error()
+    if err is None:
+        import triton
+
+        lines.append(f"  triton {triton.__version__}; interpreter (TRITON_INTERPRET): {'on' if interpreting() else 'off'}")
+    else:
+        lines.append(f"  triton: unavailable ({err})")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for dtype in SUPPORTED_DTYPES:
+            try:
+                chosen = select(torch.device(dev), dtype)
+                why = triton_unusable_reason(torch.device(dev), dtype)
+                note = f" (triton: {why})" if chosen == "torch" and why else ""
+            except RuntimeError as exc:
+                chosen, note = "error", f" ({exc})"
+            lines.append(f"  {dev:4s} {str(dtype):14s} -> {chosen}{note}")
+    lines.append(f"  CUDA extension _C: {extension_status()}")
+    text = "\n".join(lines)
+    print(text, file=file or sys.stdout)
+    return text

@@ -1,0 +1,1 @@
+"""One module per operation: validation, dispatch to a backend, autograd and torch.library registration."""

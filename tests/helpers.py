@@ -1,0 +1,30 @@
+"""Shared test utilities: tolerances by dtype, poisoned outputs, float64 copies."""
+from __future__ import annotations
+
+import torch
+
+# Relative-to-scale tolerances (DESIGN.md): fp32 ~1e-5, half precision ~1e-2.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "tensor", tol: float | None = None):
+    """Max abs error ≤ tol · max(1, max|expected|); NaN/Inf in `actual` always fails."""
+    assert actual is not None, f"{name}: got None"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    tol = TOL[dtype] if tol is None else tol
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} × scale {scale:.3e}"
+
+
+def f64(t: torch.Tensor | None, requires_grad: bool | None = None) -> torch.Tensor | None:
+    """A float64 leaf copy (bool tensors are returned as they are)."""
+    if t is None or t.dtype == torch.bool:
+        return t
+    c = t.detach().to(torch.float64).clone()
+    if requires_grad if requires_grad is not None else t.requires_grad:
+        c.requires_grad_(True)
+    return c
