@@ -1,0 +1,124 @@
+"""The PyTorch backend of ``lora_linear``: the fast fallback for CPUs and machines without Triton.
+
+Arrangement (x: (M, K), W: (N, K), A: (r, K), B: (N, r); every M × N / M × K tensor is written once):
+
+forward   H  = drop(x) Aᵀ                         skinny GEMM (+ sparse dropout correction), kept for backward
+          Y  = (s·H⊙d) Bᵀ + bias;  Y += x Wᵀ       the big GEMM accumulates into the low-rank product (addmm_)
+backward  dG = s · dY B                           once, shared by dX and dA
+          dB = s · dYᵀ (H⊙d)
+          dX = ((dG⊙d) A) ⊙ keep/(1−p);  dX += dY W
+          dA = (dG⊙d)ᵀ drop(x)                    skipped entirely when A is frozen (x is then not even saved)
+
+Masks (RoseLoRA) are applied to the r-sized factors here (cheap copies of A and B); the Triton backend avoids
+even those.
+"""
+from typing import Optional
+
+import torch
+
+from . import sparse_dropout
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the rank-r intermediates: float32 for half-precision inputs, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _effective(w: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    w = w.to(dtype)
+    return w if mask is None else w * mask
+
+
+def _dropped(seed: torch.Tensor, n_rows: int, n_cols: int, p: float, device: torch.device) -> sparse_dropout.Dropped:
+    return sparse_dropout.dropped_entries(int(seed), n_rows, n_cols, p, device)
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mask_A: Optional[torch.Tensor],
+    mask_B: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(y (M, N) in x.dtype, H = drop(x) Aᵀ (M, r) in the accumulation dtype)``."""
+    cdt, adt = x.dtype, accumulation_dtype(x.dtype)
+    A = _effective(lora_A, mask_A, cdt)
+    h = (x @ A.t()).to(adt)
+    if dropout_p > 0:
+        dropped = _dropped(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        h.sub_(sparse_dropout.rows_product(dropped, x, A.to(adt))).mul_(1.0 / (1.0 - dropout_p))
+    hs = h * scaling if rank_scale is None else h * (rank_scale.to(adt) * scaling)
+    B = _effective(lora_B, mask_B, cdt)
+    y = torch.addmm(bias, hs.to(cdt), B.t()) if bias is not None else hs.to(cdt) @ B.t()
+    y.addmm_(x, weight.t())
+    return y, h
+
+
+def backward(
+    dy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: Optional[torch.Tensor],
+    h: torch.Tensor,
+    mask_A: Optional[torch.Tensor],
+    mask_B: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_drank_scale: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dx, dA, dB, d_rank_scale, dbias)``; a gradient not asked for is an empty tensor."""
+    cdt, adt = dy.dtype, accumulation_dtype(dy.dtype)
+    empty = dy.new_empty(0)
+    d = None if rank_scale is None else rank_scale.to(adt)
+    hd = h if d is None else h * d
+    B = _effective(lora_B, mask_B, cdt)
+
+    dG = (dy @ B).to(adt).mul_(scaling)  # gradient w.r.t. H⊙d
+    dB = empty
+    if need_dB:
+        dB = dy.t() @ (hd * scaling).to(cdt)
+        if mask_B is not None:
+            dB.mul_(mask_B)
+        dB = dB.to(lora_B.dtype)
+    dd = (dG * h).sum(0).to(rank_scale.dtype) if need_drank_scale else empty
+    dbias = dy.sum(0) if need_dbias else empty
+
+    dx, dA = empty, empty
+    if need_dx or need_dA:
+        dH = dG if d is None else dG * d
+        dropped = None
+        if dropout_p > 0:
+            dH.mul_(1.0 / (1.0 - dropout_p))  # drop(x) = x ⊙ keep / (1 − p), for both dX and dA
+            dropped = _dropped(seed, dy.shape[0], weight.shape[1], dropout_p, dy.device)
+        if need_dx:
+            A = _effective(lora_A, mask_A, cdt)
+            dx = dH.to(cdt) @ A
+            if dropped is not None:
+                sparse_dropout.zero_dropped_(dx, dropped)
+            dx.addmm_(dy, weight)
+        if need_dA:
+            dA_acc = (dH.t().to(cdt) @ x).to(adt)
+            if dropped is not None:
+                dA_acc.sub_(sparse_dropout.cols_product(dropped, x, dH).t())
+            if mask_A is not None:
+                dA_acc.mul_(mask_A)
+            dA = dA_acc.to(lora_A.dtype)
+    return dx, dA, dB, dd, dbias
+
+
+def keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device: torch.device) -> torch.Tensor:
+    """The dense bool keep mask this backend draws for ``seed`` (tests and debugging)."""
+    return sparse_dropout.keep_mask(seed, n_rows, n_cols, p, device)

@@ -1,0 +1,54 @@
+"""Launch configurations of the lora_linear kernels, per GPU.
+
+A table per device (matched by a substring of ``torch.cuda.get_device_name()``), one entry per kernel. There is
+deliberately no multi-config ``@triton.autotune``: autotuning at import or first call costs seconds per shape, is
+not reproducible, and crashes under the interpreter. Tables are filled from measurements (benchmarks/NOTES.md);
+``default`` holds conventional Hopper/Ampere GEMM tilings that have NOT been tuned yet (no GPU in the session that
+wrote them), and ``interpreter`` small tiles that keep Triton's CPU interpreter fast on test shapes.
+
+Keys: ``down`` (H = drop(x)Aᵀ), ``forward`` (the Y GEMM), ``dy`` (dG / dB / Σ dY), ``dx`` (the dX GEMM),
+``da`` (dA; ``SPLIT_M`` = "auto" spreads the M reduction over enough programs to fill the GPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..backend import interpreting
+
+_INTERPRETER = {
+    "down": dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "forward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "dy": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    "dx": dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "da": dict(BLOCK_M=32, BLOCK_K=32, SPLIT_M=2, num_warps=4, num_stages=1),
+}
+
+_DEFAULT = {
+    "down": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    "forward": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "da": dict(BLOCK_M=64, BLOCK_K=128, SPLIT_M="auto", num_warps=4, num_stages=3),
+}
+
+# Per-device tables, most specific name first. Add an entry only with measurements behind it.
+TABLES: dict[str, dict[str, dict]] = {
+    "default": _DEFAULT,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _table_for(device_name: str) -> dict[str, dict]:
+    for key, table in TABLES.items():
+        if key != "default" and key.lower() in device_name.lower():
+            return table
+    return TABLES["default"]
+
+
+def config(kernel: str, device: torch.device) -> dict:
+    """The launch configuration of ``kernel`` for tensors on ``device`` (a fresh dict the caller may edit)."""
+    if device.type != "cuda" or interpreting():
+        return dict(_INTERPRETER[kernel])
+    return dict(_table_for(torch.cuda.get_device_name(device))[kernel])

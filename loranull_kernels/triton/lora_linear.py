@@ -1,0 +1,253 @@
+"""Triton kernels of the fused LoRA linear (the graph split of DESIGN.md).
+
+Shapes: x (M, K), W (N, K), A (r, K), B (N, r), d (r,), H (M, r) float32, dG (M, r) float32.
+The rank is padded to ``R_PAD`` ≥ 16 (the GPU's ``tl.dot`` minimum) with masked loads, never in memory.
+
+forward   ``lora_down_kernel``      H = drop(x) (A⊙mA)ᵀ                       one skinny pass over x
+          ``lora_forward_kernel``   Y = (s·H⊙d)(B⊙mB)ᵀ + x Wᵀ + bias           accumulator starts at the low rank term
+backward  ``lora_dy_kernel``        dG = s·dY(B⊙mB),  dB = s·dYᵀ(H⊙d)⊙mB,  Σ dY    one pass over dY
+          ``lora_dx_kernel``        dX = ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p) + dY W      accumulator starts at the low rank term
+          ``lora_da_kernel``        dA = ((dG⊙d)ᵀ drop(x)) ⊙ mA                  the one extra read of x, split over M
+
+Dropout: ``keep = rand(seed, row·K + col) ≥ p`` (Philox, counter = the element's logical index), identical in the
+forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
+masked copies of A or B exist. Portable across Triton 3.6 – 3.9: plain pointer arithmetic, no block pointers.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    """Dropout keep mask of the tile rows × cols of an (M, K) matrix."""
+    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile coordinates in grouped order: consecutive programs share the same weight tiles in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_down_kernel(
+    x_ptr, a_ptr, ma_ptr, h_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_mar, stride_mak, stride_hm,
+    seed, p, keep_scale,
+    HAS_MASK_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (rm[:, None] < M) & (rk[None, :] < K)
+        xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep(seed, rm, rk, K, p), xt, 0.0)
+        a_mask = (rk[:, None] < K) & (rr[None, :] < R)
+        at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak, mask=a_mask, other=0.0)
+        if HAS_MASK_A:
+            keep_a = tl.load(ma_ptr + rr[None, :] * stride_mar + rk[:, None] * stride_mak, mask=a_mask, other=0)
+            at = tl.where(keep_a != 0, at, 0.0)
+        acc += tl.dot(xt.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def lora_forward_kernel(
+    x_ptr, w_ptr, h_ptr, b_ptr, mb_ptr, d_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scaling,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_bn, stride_br, stride_mbn, stride_mbr,
+    stride_ym, stride_yn,
+    HAS_MASK_B: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R_PAD)
+
+    # Accumulator starts at the low-rank product (s·H⊙d)(B⊙mB)ᵀ: Y is written exactly once.
+    ht = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if HAS_RANK_SCALE:
+        d = tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+        ht = ht * (d * scaling)[None, :]
+    else:
+        ht = ht * scaling
+    b_mask = (rr[:, None] < R) & (rn[None, :] < N)
+    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br, mask=b_mask, other=0.0).to(tl.float32)
+    if HAS_MASK_B:
+        keep_b = tl.load(mb_ptr + rn[None, :] * stride_mbn + rr[:, None] * stride_mbr, mask=b_mask, other=0)
+        bt = tl.where(keep_b != 0, bt, 0.0)
+    acc = tl.dot(ht, bt, input_precision=PRECISION)
+
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
+                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
+                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def lora_dy_kernel(
+    dy_ptr, b_ptr, mb_ptr, h_ptr, d_ptr, dg_ptr, db_ptr, dbias_ptr,
+    M, N, R, scaling,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_mbn, stride_mbr, stride_hm, stride_dgm,
+    stride_dbp, stride_dbiasp,
+    HAS_MASK_B: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One pass over dY. Row-block programs; dB and Σ dY are reduced across them either with fp32 atomics
+    (ATOMIC) or, when torch's deterministic mode is on, into per-program slabs summed afterwards."""
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    row_ok = rm < M
+    if NEED_DB:
+        hd = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        if HAS_RANK_SCALE:
+            hd = hd * (tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32) * scaling)[None, :]
+        else:
+            hd = hd * scaling
+        hd = hd.to(DOT_DTYPE)
+    dg = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        col_ok = rn < N
+        dyt = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b_mask = col_ok[:, None] & (rr[None, :] < R)
+        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=b_mask, other=0.0)
+        if HAS_MASK_B:
+            keep_b = tl.load(mb_ptr + rn[:, None] * stride_mbn + rr[None, :] * stride_mbr, mask=b_mask, other=0)
+            bt = tl.where(keep_b != 0, bt, 0.0)
+        dyd = dyt.to(DOT_DTYPE)
+        dg += tl.dot(dyd, bt.to(DOT_DTYPE), input_precision=PRECISION)
+        if NEED_DB:
+            part = tl.dot(tl.trans(dyd), hd, input_precision=PRECISION)  # (BLOCK_N, R_PAD)
+            if HAS_MASK_B:
+                part = tl.where(keep_b != 0, part, 0.0)
+            db_ptrs = db_ptr + rn[:, None] * R_PAD + rr[None, :]
+            if ATOMIC:
+                tl.atomic_add(db_ptrs, part, mask=b_mask)
+            else:
+                tl.store(db_ptrs + pid * stride_dbp, part, mask=b_mask)
+        if NEED_DBIAS:
+            colsum = tl.sum(dyt.to(tl.float32), axis=0)
+            if ATOMIC:
+                tl.atomic_add(dbias_ptr + rn, colsum, mask=col_ok)
+            else:
+                tl.store(dbias_ptr + pid * stride_dbiasp + rn, colsum, mask=col_ok)
+    tl.store(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], dg * scaling, mask=row_ok[:, None] & (rr[None, :] < R))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_dx_kernel(
+    dy_ptr, w_ptr, dg_ptr, d_ptr, a_ptr, ma_ptr, dx_ptr,
+    M, N, K, R, seed, p, keep_scale,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dgm, stride_ar, stride_ak, stride_mar, stride_mak,
+    stride_dxm, stride_dxk,
+    HAS_MASK_A: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+
+    # Accumulator starts at the adapter's input gradient ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p).
+    dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if HAS_RANK_SCALE:
+        dh = dh * tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+    a_mask = (rr[:, None] < R) & (rk[None, :] < K)
+    at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+    if HAS_MASK_A:
+        keep_a = tl.load(ma_ptr + rr[:, None] * stride_mar + rk[None, :] * stride_mak, mask=a_mask, other=0)
+        at = tl.where(keep_a != 0, at, 0.0)
+    acc = tl.dot(dh, at, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep(seed, rm, rk, K, p), acc * keep_scale, 0.0)
+
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        dyt = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
+                      mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
+                     mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        acc += tl.dot(dyt.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PRECISION)
+
+    tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_da_kernel(
+    x_ptr, dg_ptr, d_ptr, ma_ptr, da_ptr,
+    M, K, R, rows_per_split, seed, p, keep_scale,
+    stride_xm, stride_xk, stride_dgm, stride_mar, stride_mak, stride_dap,
+    HAS_MASK_A: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (k-block, split) reduces rows [split·rows_per_split, …) into slab ``split`` of da (R, K), fp32;
+    the slabs are summed afterwards (deterministic, unlike atomics)."""
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    if HAS_RANK_SCALE:
+        d = tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+    m_start = split * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < m_end
+        xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
+                     mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep(seed, rm, rk, K, p), xt, 0.0)
+        dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        if HAS_RANK_SCALE:
+            dh = dh * d[None, :]
+        acc += tl.dot(tl.trans(dh.to(DOT_DTYPE)), xt.to(DOT_DTYPE), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    a_mask = (rr[:, None] < R) & (rk[None, :] < K)
+    if HAS_MASK_A:
+        keep_a = tl.load(ma_ptr + rr[:, None] * stride_mar + rk[None, :] * stride_mak, mask=a_mask, other=0)
+        acc = tl.where(keep_a != 0, acc, 0.0)
+    tl.store(da_ptr + split * stride_dap + rr[:, None] * K + rk[None, :], acc, mask=a_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Materialise the dropout keep mask the kernels above use (tests and debugging only)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(seed, rm, rk, K, p)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], keep.to(tl.int8),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
