@@ -33,6 +33,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, not traced
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else the reason it does not."""

@@ -30,13 +30,12 @@ def _fake_forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, s
 def _fake_backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling, dropout_p,
                    need_dx, need_dA, need_dB, need_drank_scale, need_dbias):
     (M, N), K, r = dy.shape, weight.shape[1], lora_A.shape[0]
-    empty = dy.new_empty(0)
-    return (
-        dy.new_empty(M, K) if need_dx else empty,
-        lora_A.new_empty(r, K) if need_dA else empty,
-        lora_B.new_empty(N, r) if need_dB else empty,
-        rank_scale.new_empty(r) if need_drank_scale else empty,
-        dy.new_empty(N) if need_dbias else empty,
+    return (  # every output a distinct tensor: custom ops may not return aliases
+        dy.new_empty(M, K) if need_dx else dy.new_empty(0),
+        lora_A.new_empty(r, K) if need_dA else dy.new_empty(0),
+        lora_B.new_empty(N, r) if need_dB else dy.new_empty(0),
+        rank_scale.new_empty(r) if need_drank_scale else dy.new_empty(0),
+        dy.new_empty(N) if need_dbias else dy.new_empty(0),
     )
 
 

@@ -81,22 +81,21 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dA, dB, d_rank_scale, dbias)``; a gradient not asked for is an empty tensor."""
     cdt, adt = dy.dtype, accumulation_dtype(dy.dtype)
-    empty = dy.new_empty(0)
     d = None if rank_scale is None else rank_scale.to(adt)
     hd = h if d is None else h * d
     B = _effective(lora_B, mask_B, cdt)
 
     dG = (dy @ B).to(adt).mul_(scaling)  # gradient w.r.t. H⊙d
-    dB = empty
+    dB = dy.new_empty(0)
     if need_dB:
         dB = dy.t() @ (hd * scaling).to(cdt)
         if mask_B is not None:
             dB.mul_(mask_B)
         dB = dB.to(lora_B.dtype)
-    dd = (dG * h).sum(0).to(rank_scale.dtype) if need_drank_scale else empty
-    dbias = dy.sum(0) if need_dbias else empty
+    dd = (dG * h).sum(0).to(rank_scale.dtype) if need_drank_scale else dy.new_empty(0)
+    dbias = dy.sum(0) if need_dbias else dy.new_empty(0)
 
-    dx, dA = empty, empty
+    dx, dA = dy.new_empty(0), dy.new_empty(0)
     if need_dx or need_dA:
         dH = dG if d is None else dG * d
         dropped = None

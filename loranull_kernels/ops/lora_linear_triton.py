@@ -136,7 +136,6 @@ def backward(
     has_dropout = dropout_p > 0
     seed_v = int(seed) if has_dropout else 0
     keep_scale = 1.0 / (1.0 - dropout_p)
-    empty = dy.new_empty(0)
     ma, s_mar, s_mak = _mask_args(mask_A, lora_A)
     mb, s_mbn, s_mbr = _mask_args(mask_B, lora_B)
     d_arg = h if rank_scale is None else rank_scale
@@ -160,11 +159,11 @@ def backward(
         NEED_DBIAS=need_dbias, ATOMIC=atomic, R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision,
         **cfg, **launch,
     )
-    dB = db_acc.sum(0)[:, :r].to(lora_B.dtype) if need_dB else empty
-    dbias = dbias_acc.sum(0).to(dy.dtype) if need_dbias else empty
-    dd = (dg * h).sum(0).to(rank_scale.dtype) if need_drank_scale else empty
+    dB = db_acc.sum(0)[:, :r].contiguous().to(lora_B.dtype) if need_dB else dy.new_empty(0)
+    dbias = dbias_acc.sum(0).to(dy.dtype) if need_dbias else dy.new_empty(0)
+    dd = (dg * h).sum(0).to(rank_scale.dtype) if need_drank_scale else dy.new_empty(0)
 
-    dx = empty
+    dx = dy.new_empty(0)
     if need_dx:
         dx = backend.empty(M, K, dtype=dy.dtype, device=dev)
         cfg = configs.config("dx", dev)
@@ -179,7 +178,7 @@ def backward(
             R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
         )
 
-    dA = empty
+    dA = dy.new_empty(0)
     if need_dA:
         cfg = configs.config("da", dev)
         launch = _launch_kw(cfg)
