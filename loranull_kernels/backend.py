@@ -13,7 +13,6 @@ Selection, in order of precedence:
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 from typing import Iterator
@@ -33,16 +32,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, not traced
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT = {}  # a plain cache: dynamo would trace through functools.lru_cache
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once at trace time, not traced
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # any failure (missing wheel, broken driver libs) means: no Triton
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORT["error"] = None
+        except Exception as exc:  # any failure (missing wheel, broken driver libs) means: no Triton
+            _TRITON_IMPORT["error"] = f"{type(exc).__name__}: {exc}"
+    return _TRITON_IMPORT["error"]
 
 
 def requested() -> str:
