@@ -1,0 +1,284 @@
+"""Microbenchmark of the fused LoRA linear against vanilla LoRA implementations.
+
+Providers (PERFORMANCE.md): ``frozen`` nn.Linear (the denominator: forward + dX only), ``naive`` PyTorch LoRA
+(:func:`loranull_kernels.reference.lora_linear`: F.linear + F.dropout + two skinny linears), ``peft`` (a real HF
+PEFT ``LoraLayer``, eager), ``lk-torch`` (our PyTorch backend) and ``lk-triton`` (our Triton kernels; GPU only: the
+CPU interpreter is for testing, not timing). Modes: ``forward``, ``backward``, ``full`` (forward + backward).
+
+Every provider's output and gradients are checked against the float64 reference (dropout 0) before timing.
+Results: a CSV under ``benchmarks/results/`` (device, versions, date and commit in each row), a PNG plot, and a
+table of ratios printed to stdout.
+
+    loranull-bench                 # CPU: the reference shape M=4096, K=N=1024, r=16, fp32; GPU: the full sweep
+    loranull-bench --quick         # one shape, fewer repetitions (the main job's default)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import backend as lk_backend
+from .. import reference
+from ..ops.lora_linear import lora_linear
+from . import harness
+
+PROVIDERS = ("frozen", "naive", "peft", "lk-torch", "lk-triton")
+MODES = ("forward", "backward", "full")
+
+
+@dataclass(frozen=True)
+class Case:
+    M: int
+    K: int
+    N: int
+    r: int
+    dropout: float
+    dtype: torch.dtype
+
+    def label(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N} r={self.r} p={self.dropout} {str(self.dtype).replace('torch.', '')}"
+
+
+def _peft_layer(weight, bias, A, B, case: Case):
+    """A real PEFT LoRA layer around an nn.Linear holding `weight`, with our A/B copied in (None without peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    N, K = weight.shape
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", torch.nn.Linear(K, N, bias=bias is not None, device=weight.device, dtype=weight.dtype))
+    with torch.no_grad():
+        holder.proj.weight.copy_(weight)
+        if bias is not None:
+            holder.proj.bias.copy_(bias)
+    cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"])
+    model = get_peft_model(holder, cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    model.train()
+    return model
+
+
+def make_providers(case: Case, device: torch.device, generator_seed: int = 0):
+    """Return ``{name: (fn(x) -> y, params)}`` for the providers that can run here, plus the shared inputs."""
+    g = torch.Generator(device="cpu").manual_seed(generator_seed)
+    M, K, N, r, dt = case.M, case.K, case.N, case.r, case.dtype
+    weight = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dt)
+    bias = torch.randn(N, generator=g).to(device, dt)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device, dt)
+    B = (torch.randn(N, r, generator=g) * 0.02).to(device, dt)  # nonzero: a trained adapter, not the B = 0 init
+    scaling = 2.0
+    providers = {}
+
+    linear = torch.nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    providers["frozen"] = (linear, [])
+
+    nA, nB = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    providers["naive"] = (lambda x: reference.lora_linear(x, weight, nA, nB, scaling, bias=bias, dropout_p=case.dropout), [nA, nB])
+
+    peft_model = _peft_layer(weight, bias, A, B, case)
+    if peft_model is not None:
+        providers["peft"] = (peft_model, [p for p in peft_model.parameters() if p.requires_grad])
+
+    for name in ("torch", "triton"):
+        if name == "triton" and (device.type != "cuda" or lk_backend.triton_unusable_reason(device, dt)):
+            continue
+        lA, lB = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+
+        def fn(x, lA=lA, lB=lB, name=name):
+            with lk_backend.use(name):
+                return lora_linear(x, weight, lA, lB, scaling, bias=bias, dropout_p=case.dropout)
+
+        providers[f"lk-{name}"] = (fn, [lA, lB])
+    return providers, (weight, bias, A, B, scaling)
+
+
+def check_providers(providers, inputs, case: Case, device: torch.device) -> None:
+    """Each LoRA provider must match the float64 reference at dropout 0 (forward and dA, dB, dx) before timing."""
+    weight, bias, A, B, scaling = inputs
+    if case.dropout > 0:
+        return  # masks differ between providers; correctness at p > 0 is the test suite's job
+    M = min(case.M, 256)
+    x = torch.randn(M, case.K, device=device, dtype=case.dtype)
+    dy = torch.randn(M, case.N, device=device, dtype=case.dtype)
+    x64 = x.double().requires_grad_(True)
+    A64, B64 = A.double().requires_grad_(True), B.double().requires_grad_(True)
+    y64 = reference.lora_linear(x64, weight.double(), A64, B64, scaling, bias=bias.double())
+    y64.backward(dy.double())
+    tol = 1e-3 if case.dtype == torch.float32 else 5e-2
+    for name, (fn, params) in providers.items():
+        xi = x.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        y = fn(xi)
+        y.backward(dy)
+        scale = max(1.0, y64.abs().max().item())
+        err = (y.double() - y64).abs().max().item()
+        if err > tol * scale:
+            raise AssertionError(f"{name}: output differs from the reference by {err:.3e} at {case.label()}")
+        if name != "frozen":
+            assert (xi.grad.double() - x64.grad).abs().max().item() <= tol * max(1.0, x64.grad.abs().max().item()), name
+            grads = sorted((p.grad for p in params), key=lambda t: t.shape != A.shape)  # A-shaped first
+            for got, want in zip(grads, (A64.grad, B64.grad)):
+                assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item()), name
+
+
+def _closures(fn, params, x, dy, mode):
+    def zero():
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    if mode == "forward":
+        return lambda: fn(x)
+    if mode == "full":
+        def full():
+            zero()
+            fn(x).backward(dy)
+        return full
+    y = fn(x)  # backward alone: replay the same graph
+
+    def bwd():
+        zero()
+        y.backward(dy, retain_graph=True)
+    return bwd
+
+
+def run_case(case: Case, device: torch.device, rounds: int, warmup: int) -> list[dict]:
+    providers, inputs = make_providers(case, device)
+    check_providers(providers, inputs, case, device)
+    x = torch.randn(case.M, case.K, device=device, dtype=case.dtype, requires_grad=True)
+    dy = torch.randn(case.M, case.N, device=device, dtype=case.dtype)
+    rows = []
+    for mode in MODES:
+        fns = {name: _closures(fn, params, x, dy, mode) for name, (fn, params) in providers.items()}
+        timings = harness.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
+        peaks = _peak_memory(providers, x, dy, device) if mode == "full" and device.type == "cuda" else {}
+        base = timings["frozen"]["median_ms"]
+        for name, t in timings.items():
+            rows.append(dict(op="lora_linear", M=case.M, K=case.K, N=case.N, r=case.r, dropout=case.dropout,
+                             dtype=str(case.dtype).replace("torch.", ""), provider=name, mode=mode,
+                             median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
+                             ratio_to_frozen=t["median_ms"] / base,
+                             peak_mem_mb=peaks.get(name, float("nan"))))
+    return rows
+
+
+def _peak_memory(providers, x, dy, device) -> dict:
+    out = {}
+    for name, (fn, params) in providers.items():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn(x).backward(dy)
+        torch.cuda.synchronize(device)
+        out[name] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        x.grad = None
+        for p in params:
+            p.grad = None
+    return out
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    if device.type == "cuda":
+        dt = torch.bfloat16
+        if quick:
+            return [Case(8192, 4096, 4096, 16, p, dt) for p in (0.0, 0.1)]
+        return [Case(M, K, N, r, p, dt) for M, (K, N), r, p in itertools.product(
+            (512, 2048, 8192, 16384), ((4096, 4096), (4096, 11008), (11008, 4096)), (8, 16, 64, 128), (0.0, 0.1))]
+    dt = torch.float32
+    if quick:
+        return [Case(4096, 1024, 1024, 16, p, dt) for p in (0.0, 0.1)]
+    return [Case(M, 1024, 1024, r, p, dt) for M, r, p in itertools.product((1024, 4096), (16, 64), (0.0, 0.1))]
+
+
+def print_table(rows: list[dict]) -> None:
+    full = [r for r in rows if r["mode"] == "full"]
+    cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) for r in full})
+    names = [p for p in PROVIDERS if any(r["provider"] == p for r in full)]
+    print("\nfwd+bwd time / frozen nn.Linear fwd+bwd (lower is better; medians of interleaved runs)")
+    print(f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} " + " ".join(f"{n:>10}" for n in names) + "   lk vs peft")
+    for c in cases:
+        sel = {r["provider"]: r for r in full if (r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) == c}
+        ours = min((sel[n]["median_ms"] for n in ("lk-triton", "lk-torch") if n in sel), default=float("nan"))
+        speedup = sel["peft"]["median_ms"] / ours if "peft" in sel else float("nan")
+        print(f"{c[0]:>6} {c[1]:>6} {c[2]:>6} {c[3]:>4} {c[4]:>4} "
+              + " ".join(f"{sel[n]['ratio_to_frozen']:>10.3f}" for n in names) + f"   {speedup:>6.2f}x")
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["mode"] == "full"]
+    cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"]) for r in full})
+    names = [p for p in PROVIDERS if p != "frozen" and any(r["provider"] == p for r in full)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) + 2), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        vals = [next((r["ratio_to_frozen"] for r in full if r["provider"] == name
+                      and (r["M"], r["K"], r["N"], r["r"], r["dropout"]) == c), float("nan")) for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"M={c[0]}\nK={c[1]} N={c[2]}\nr={c[3]} p={c[4]}" for c in cases], fontsize=7)
+    ax.set_ylabel("fwd+bwd time / frozen nn.Linear")
+    env = harness.environment()
+    ax.set_title(f"LoRA linear on {env['device']} ({full[0]['dtype']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="loranull-bench", description="LoRA linear microbenchmark vs vanilla LoRA")
+    parser.add_argument("--quick", action="store_true", help="one shape (dropout 0 and 0.1), fewer repetitions")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--M", type=int, nargs="*", help="token counts (overrides the default sweep)")
+    parser.add_argument("--K", type=int, default=None, help="in_features (with --M)")
+    parser.add_argument("--N", type=int, default=None, help="out_features (with --M)")
+    parser.add_argument("--r", type=int, nargs="*", default=[16], help="ranks (with --M)")
+    parser.add_argument("--dropout", type=float, nargs="*", default=[0.0, 0.1], help="dropout values (with --M)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per provider")
+    parser.add_argument("--name", default="lora_linear", help="CSV/PNG base name under benchmarks/results/")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.M:
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+        K = args.K or (4096 if device.type == "cuda" else 1024)
+        cases = [Case(M, K, args.N or K, r, p, dt) for M, r, p in itertools.product(args.M, args.r, args.dropout)]
+    else:
+        cases = default_cases(device, args.quick)
+    rounds = args.rounds or (7 if args.quick else 15)
+    warmup = 2 if device.type == "cpu" else 10
+
+    from tqdm.auto import tqdm
+
+    rows = []
+    for case in tqdm(cases, desc="lora_linear benchmark", unit="shape"):
+        rows.extend(run_case(case, device, rounds=rounds, warmup=warmup))
+    name = args.name + ("_quick" if args.quick and not args.M else "")
+    csv_path = harness.write_csv(rows, harness.results_path(name, "csv"))
+    png_path = harness.results_path(name, "png")
+    plot(rows, png_path)
+    print_table(rows)
+    print(f"\nwrote {csv_path} and {png_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
