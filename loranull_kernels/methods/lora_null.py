@@ -1,0 +1,45 @@
+"""LoRA-Null: initialise the adapter in the null space of the pre-trained activations (METHODS.md).
+
+With C the layer's (uncentred) input covariance over knowledge-like calibration data and Q its ``null_dim``
+smallest eigenvectors (in × null_dim):
+
+- ``init="svd"`` (the reference default): the adapter is the top-r SVD of ``T = W Q Qᵀ`` with S divided by s, so
+  the rows of A0 span (part of) span(Q) and ``A0 x ≈ 0`` on knowledge-like x; the base becomes ``W − s·B0A0``
+  (``= W (I − QQᵀ)`` when null_dim = r). Since ``T = (WQ) Qᵀ`` with orthonormal Q, its SVD is that of the small
+  ``WQ`` (out × null_dim) with the right factor mapped back through Q: exact, and cheaper than a randomized SVD.
+- ``init="basis"``: ``A0 = Qᵀ``, ``B0 = 0``, base unchanged.
+
+v2 (``freeze_A=True``) trains B only, so every update ``(B − B0) A0`` keeps its row space in span(Q).
+"""
+import torch
+
+from .base import AdapterInit, Method, split_singular
+
+
+def null_basis(covariance: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Orthonormal basis (in × k) of the k smallest eigenvectors of a symmetric covariance, in ``dtype``."""
+    from ..nullspace import smallest_eigenvectors
+
+    return smallest_eigenvectors(covariance.to(dtype), k)
+
+
+def initialize(weight, r, scaling, config, covariance=None, generator=None) -> AdapterInit:
+    if covariance is None:
+        raise ValueError("method 'lora_null' needs the layer's input covariance: run lk.calibrate / pass "
+                         "calibration_data to lk.inject")
+    in_f = weight.shape[1]
+    if covariance.shape != (in_f, in_f):
+        raise ValueError(f"covariance must be (in_features, in_features) = ({in_f}, {in_f}), got {tuple(covariance.shape)}")
+    k = config.null_dim or r
+    Q = null_basis(covariance, k, weight.dtype)  # (in, k)
+    if config.lora_null_init == "basis":
+        A = Q[:, :r].t().contiguous()
+        B = torch.zeros(weight.shape[0], r, dtype=weight.dtype, device=weight.device)
+        return AdapterInit(lora_A=A, lora_B=B, weight=weight)
+    Uw, S, Vh_small = torch.linalg.svd(weight @ Q, full_matrices=False)  # WQ = U S Ṽᵀ  ⇒  T = U S (QṼ)ᵀ
+    Vh = Vh_small[:r] @ Q.t()
+    A, B = split_singular(Uw[:, :r], S[:r], Vh, scaling)
+    return AdapterInit(lora_A=A, lora_B=B, weight=weight - scaling * (B @ A))
+
+
+METHOD = Method("lora_null", initialize, needs_calibration=True, rewrites_base=True)

@@ -1,0 +1,176 @@
+"""``LoRALinear``: a drop-in ``nn.Linear`` with a low-rank adapter whose forward is one ``lora_linear`` call."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig
+from .methods import get_method
+from .ops.lora_linear import lora_linear
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SVDs, eigendecompositions and merges run in float32 (float64 for float64 models), whatever the model dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LoRALinear(nn.Module):
+    """``y = x Wᵀ + s · (drop(x) (A⊙mask_A)ᵀ ⊙ d) (B⊙mask_B)ᵀ + bias``, forward and backward fused.
+
+    Same ``forward(input)`` signature and the same ``in_features``, ``out_features``, ``weight`` (out, in) and
+    ``bias`` (out,) attributes as ``nn.Linear``. ``weight`` is frozen: it holds the base (the residual
+    ``W − s·B0A0`` for methods that rewrite it). Parameters ``lora_A`` (r, in), ``lora_B`` (out, r) and, for methods
+    that have one, ``rank_scale`` (r,); buffers ``mask_A`` / ``mask_B`` (bool, RoseLoRA) and ``lora_A0`` /
+    ``lora_B0`` (the initial adapter of methods that rewrite the base, kept so the adapter can be converted to a
+    plain LoRA on the original weight). ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+    A is trained iff ``lora_A.requires_grad`` (``freeze_A`` / LoRA-Null v2 turns it off, and the backward then
+    neither computes dA nor keeps x). Dropout applies in training mode only. Adapters of half-precision bases are
+    kept in float32 (as PEFT does); inputs are cast to the base's dtype.
+
+    Build one with :meth:`from_linear`; :func:`loranull_kernels.inject` does it for a whole model.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float | None = None,
+                 dropout: float = 0.0, bias: bool = True, *, method: str = "lora", use_rslora: bool = False,
+                 has_rank_scale: bool = False, device=None, dtype=None, adapter_dtype=None):
+        super().__init__()
+        if r < 1 or r > min(in_features, out_features):
+            raise ValueError(f"r={r} must be in [1, min(in_features, out_features) = {min(in_features, out_features)}]")
+        dtype = dtype or torch.get_default_dtype()
+        adapter_dtype = adapter_dtype or (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora, self.method, self.dropout = r, alpha, use_rslora, method, float(dropout)
+        a = float(r if alpha is None else alpha)
+        self.scaling = a / math.sqrt(r) if use_rslora else a / r
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=adapter_dtype))
+        if has_rank_scale:
+            self.rank_scale = nn.Parameter(torch.ones(r, device=device, dtype=adapter_dtype))
+        else:
+            self.register_parameter("rank_scale", None)
+        for name in ("mask_A", "mask_B", "lora_A0", "lora_B0"):
+            self.register_buffer(name, None)
+        self.merged = False
+
+    # ------------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                    method: str = "lora", *, config: AdapterConfig | None = None,
+                    covariance: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    **method_kwargs) -> "LoRALinear":
+        """Wrap ``linear`` (its weight and bias are copied, not shared) with an adapter initialised by ``method``.
+
+        Args:
+            linear: an ``nn.Linear`` (any float dtype and device).
+            r, alpha, dropout, method, **method_kwargs: the adapter's :class:`~loranull_kernels.AdapterConfig`
+                fields (e.g. ``use_rslora=True``, ``freeze_A=True``, ``null_dim=256``); or pass ``config``.
+            covariance: (in, in) input covariance, for calibrated methods (``lora_null``).
+            generator: for the random initialisations (LoRA's kaiming A).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        cfg = config or AdapterConfig(method=method, r=r, alpha=alpha, dropout=dropout, **method_kwargs)
+        if cfg.r > min(linear.in_features, linear.out_features):
+            raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
+                             f"{min(linear.in_features, linear.out_features)} of this layer")
+        meth = get_method(cfg.method)
+        W = linear.weight.detach()
+        if generator is None and cfg.init_seed is not None:
+            generator = torch.Generator(device=W.device).manual_seed(cfg.init_seed)
+        init = meth.initialize(W.to(_compute_dtype(W.dtype)), cfg.r, cfg.scaling, cfg,
+                               covariance=None if covariance is None else covariance.to(W.device),
+                               generator=generator)
+        layer = cls(linear.in_features, linear.out_features, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                    bias=linear.bias is not None, method=cfg.method, use_rslora=cfg.use_rslora,
+                    has_rank_scale=init.rank_scale is not None, device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(init.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            layer.lora_A.copy_(init.lora_A)
+            layer.lora_B.copy_(init.lora_B)
+            if init.rank_scale is not None:
+                layer.rank_scale.copy_(init.rank_scale)
+        if meth.rewrites_base:
+            layer.lora_A0 = layer.lora_A.detach().clone()
+            layer.lora_B0 = layer.lora_B.detach().clone()
+        layer.lora_A.requires_grad_(not cfg.freeze_A)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(cfg.train_bias)
+        layer.adapter_config = cfg
+        return layer
+
+    # --------------------------------------------------------------------------------------------- computing
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input if input.dtype == self.weight.dtype else input.to(self.weight.dtype)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, bias=self.bias,
+                           dropout_p=self.dropout if self.training else 0.0, rank_scale=self.rank_scale,
+                           mask_A=self.mask_A, mask_B=self.mask_B, train_A=self.lora_A.requires_grad)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s · (B⊙mask_B) diag(d) (A⊙mask_A)`` (out, in), in float32 (float64 for float64 bases) or ``dtype``."""
+        dt = dtype or _compute_dtype(self.weight.dtype)
+        A = self.lora_A.detach().to(dt)
+        B = self.lora_B.detach().to(dt)
+        if self.mask_A is not None:
+            A = A * self.mask_A
+        if self.mask_B is not None:
+            B = B * self.mask_B
+        if self.rank_scale is not None:
+            B = B * self.rank_scale.detach().to(dt)
+        return self.scaling * (B @ A)
+
+    def original_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The pre-trained W the adapter was built from: ``weight + s·B0A0`` (unmerged), in float32/64 or ``dtype``."""
+        dt = dtype or _compute_dtype(self.weight.dtype)
+        W = self.weight.detach().to(dt)
+        if self.merged:
+            W = W - self.delta_weight(dt)
+        if self.lora_A0 is not None:
+            W = W + self.scaling * (self.lora_B0.to(dt) @ self.lora_A0.to(dt))
+        return W
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (forward becomes a plain linear). Exact to float64 rounding for float64
+        bases; half-precision bases round the merged weight once to their dtype. Entries the adapter does not
+        touch (zero ΔW, e.g. outside RoseLoRA's masks) are left bit-identical."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): already merged")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (subtracts the same ΔW; a round trip is exact to the base dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): not merged")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"method={self.method}, r={self.r}, alpha={self.r if self.alpha is None else self.alpha}, "
+                f"scaling={self.scaling:.4g}, dropout={self.dropout}")
+        if self.use_rslora:
+            text += ", rslora"
+        if not self.lora_A.requires_grad:
+            text += ", A frozen"
+        if self.mask_A is not None or self.mask_B is not None:
+            text += ", masked"
+        if self.merged:
+            text += ", merged"
+        return text
