@@ -18,6 +18,7 @@ import argparse
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -115,22 +116,28 @@ def check_providers(providers, inputs, case: Case, device: torch.device) -> None
     A64, B64 = A.double().requires_grad_(True), B.double().requires_grad_(True)
     y64 = reference.lora_linear(x64, weight.double(), A64, B64, scaling, bias=bias.double())
     y64.backward(dy.double())
+    frozen64 = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     tol = 1e-3 if case.dtype == torch.float32 else 5e-2
+
+    def check(name, what, got, want):
+        err = (got.double() - want).abs().max().item()
+        if err > tol * max(1.0, want.abs().max().item()):
+            raise AssertionError(f"{name}: {what} differs from the reference by {err:.3e} at {case.label()}")
+
     for name, (fn, params) in providers.items():
         xi = x.clone().requires_grad_(True)
         for p in params:
             p.grad = None
         y = fn(xi)
         y.backward(dy)
-        scale = max(1.0, y64.abs().max().item())
-        err = (y.double() - y64).abs().max().item()
-        if err > tol * scale:
-            raise AssertionError(f"{name}: output differs from the reference by {err:.3e} at {case.label()}")
-        if name != "frozen":
-            assert (xi.grad.double() - x64.grad).abs().max().item() <= tol * max(1.0, x64.grad.abs().max().item()), name
-            grads = sorted((p.grad for p in params), key=lambda t: t.shape != A.shape)  # A-shaped first
-            for got, want in zip(grads, (A64.grad, B64.grad)):
-                assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item()), name
+        if name == "frozen":
+            check(name, "output", y, frozen64)
+            continue
+        check(name, "output", y, y64)
+        check(name, "dx", xi.grad, x64.grad)
+        grads = sorted((p.grad for p in params), key=lambda t: t.shape != A.shape)  # A-shaped first
+        for what, got, want in zip(("dA", "dB"), grads, (A64.grad, B64.grad)):
+            check(name, what, got, want)
 
 
 def _closures(fn, params, x, dy, mode):
@@ -253,7 +260,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--r", type=int, nargs="*", default=[16], help="ranks (with --M)")
     parser.add_argument("--dropout", type=float, nargs="*", default=[0.0, 0.1], help="dropout values (with --M)")
     parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per provider")
-    parser.add_argument("--name", default="lora_linear", help="CSV/PNG base name under benchmarks/results/")
+    parser.add_argument("--name", default="lora_linear", help="CSV/PNG base name")
+    parser.add_argument("--out-dir", default=None, help="where to write (default: benchmarks/results/ of the checkout)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -272,8 +280,10 @@ def main(argv=None) -> list[dict]:
     for case in tqdm(cases, desc="lora_linear benchmark", unit="shape"):
         rows.extend(run_case(case, device, rounds=rounds, warmup=warmup))
     name = args.name + ("_quick" if args.quick and not args.M else "")
-    csv_path = harness.write_csv(rows, harness.results_path(name, "csv"))
-    png_path = harness.results_path(name, "png")
+    csv_path, png_path = (harness.results_path(name, ext, device) for ext in ("csv", "png"))
+    if args.out_dir:
+        csv_path, png_path = (Path(args.out_dir) / p.name for p in (csv_path, png_path))
+    harness.write_csv(rows, csv_path, device)
     plot(rows, png_path)
     print_table(rows)
     print(f"\nwrote {csv_path} and {png_path}")

@@ -20,7 +20,7 @@ def null_basis(covariance: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Te
     """Orthonormal basis (in × k) of the k smallest eigenvectors of a symmetric covariance, in ``dtype``."""
     from ..nullspace import smallest_eigenvectors
 
-    return smallest_eigenvectors(covariance.to(dtype), k)
+    return smallest_eigenvectors(covariance, k, dtype=dtype)[1]  # (eigenvalues, vectors): keep the vectors
 
 
 def initialize(weight, r, scaling, config, covariance=None, generator=None) -> AdapterInit:
