@@ -122,12 +122,10 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def extension_status() -> str:
-    """One line on the optional CUDA extension ``loranull_kernels._C``."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as exc:
-        return f"not built ({exc}); the PyTorch implementations run instead"
-    return "built"
+    """One line on the optional CUDA extension ``loranull_kernels._C`` (never starts a build)."""
+    from . import _extension
+
+    return _extension.status()
 
 
 def report(file=None) -> str:

@@ -2,7 +2,12 @@
 
 A method is four orthogonal pieces (METHODS.md): an initialiser, a trainable set, an optional regulariser and an
 optional sparsity schedule. ``method`` names the initialiser (and the pieces that come with it by default);
-``freeze_A`` chooses the trainable set for any initialiser (LoRA-Null v2 is ``method="lora_null", freeze_A=True``).
+``freeze_A`` chooses the trainable set for any initialiser (LoRA-Null v2 is ``method="lora_null", freeze_A=True``);
+``regularizer`` and ``sparsity`` choose the other two pieces. Their default ``"auto"`` takes the method's own:
+``"kasa"`` → KaSA init + regularizer ``"kasa"``; ``"roselora"`` → LoRA init + sparsity ``"roselora"``; ``"lalora"`` →
+LoRA init + regularizer ``"lalora"``; every other method → none. Naming a piece composes it with any initialiser
+(``AdapterConfig(method="lora_null", regularizer="lalora")``, ``AdapterConfig(method="milora", sparsity="roselora")``);
+``None`` switches the method's default piece off.
 """
 from __future__ import annotations
 
@@ -11,7 +16,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHOD_NAMES = ("lora", "pissa", "milora", "lora_null")
+METHOD_NAMES = ("lora", "pissa", "milora", "lora_null", "kasa", "roselora", "lalora")
+REGULARIZER_NAMES = ("kasa", "lalora")
+SPARSITY_NAMES = ("roselora",)
+# The pieces each method brings when ``regularizer`` / ``sparsity`` are left at "auto".
+_DEFAULT_REGULARIZER = {"kasa": "kasa", "lalora": "lalora"}
+_DEFAULT_SPARSITY = {"roselora": "roselora"}
+
+
+def _is_real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
 
 
 @dataclass
@@ -19,7 +37,8 @@ class AdapterConfig:
     """Configuration of the adapters :func:`loranull_kernels.inject` puts into a model.
 
     Attributes:
-        method: ``"lora"``, ``"pissa"``, ``"milora"`` or ``"lora_null"``.
+        method: the initialiser: ``"lora"``, ``"pissa"``, ``"milora"``, ``"lora_null"``, ``"kasa"`` (SVD-truncated
+            base, trainable ``rank_scale``), ``"roselora"`` / ``"lalora"`` (LoRA's init; they bring their piece).
         r: adapter rank (≥ 1, ≤ min(in, out) of every targeted layer).
         alpha: scaling numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). None: alpha = r.
         dropout: dropout probability on the adapter's input, in [0, 1).
@@ -38,6 +57,25 @@ class AdapterConfig:
             (an option of the LoRA-Null reference code; off by default).
         pissa_oversample, pissa_n_iter: randomized-SVD settings for PiSSA's top-r components.
         init_seed: seed of the random initialisations (LoRA's kaiming A); None uses torch's global generator.
+        regularizer: the loss term :func:`loranull_kernels.regularization_loss` adds: ``"kasa"``, ``"lalora"``,
+            None, or ``"auto"`` (the method's own: see the module docstring; :attr:`effective_regularizer`).
+        sparsity: the schedule :func:`loranull_kernels.after_optimizer_step` applies: ``"roselora"``, None or
+            ``"auto"`` (:attr:`effective_sparsity`).
+        kasa_beta, kasa_gamma: KaSA's ``β Σ‖d‖² + γ Σ(‖AAᵀ − I‖_F + ‖BᵀB − I‖_F)`` weights (PEFT's defaults).
+        kasa_truncation: KaSA's base truncation: ``"min"`` keeps the top ``min(in, out) − r`` singular components
+            (PEFT); ``"in"`` keeps ``in − r`` (the reference code), which truncates fewer than r (none at all when
+            ``out ≤ in − r``) on layers wider than tall.
+        kasa_regularizer_form: ``"rr"``: the r × r Grams per layer, summed (PEFT); ``"reference"``: the reference
+            code's ``‖AᵀA − I_in‖_F + ‖BBᵀ − I_out‖_F`` (evaluated from the r × r Grams), averaged over layers.
+        rose_keep: RoseLoRA's final keep fraction τ ∈ (0, 1] per row of A and per column of B.
+        rose_t_init, rose_t_final: the cubic schedule's start and end steps (τ_t = 1 before t_i, τ from t_f on).
+        rose_ema: decay of the importance EMA ``Ī ← ema·Ī + (1 − ema)·|p ⊙ ∇p|``.
+        rose_clamp: clamp A and B to ``±rose_clamp`` whenever masks are applied (the editing recipe's 3e-3); None off.
+        lalora_lambda: LaLoRA's λ in ``(λ/2)(θ − θ0)ᵀΛ(θ − θ0)``.
+        lalora_prior_precision: δ added to the curvature of every adapter entry (Λ = F + δ·I). At B0 = 0 (LoRA's
+            init) A has zero curvature, so its whole penalty is ``(λδ/2)‖A − A0‖²``: a pull back to A0.
+        lalora_curvature: ``"diag"`` (diagonal Fisher of A and B) or ``"kfac"`` (K-FAC for B, diagonal for A).
+        lalora_kfac_rank: rank kept of K-FAC's output factor E[ggᵀ] (out × out is never formed).
     """
 
     method: str = "lora"
@@ -55,6 +93,21 @@ class AdapterConfig:
     pissa_oversample: int = 16
     pissa_n_iter: int = 4
     init_seed: int | None = None
+    regularizer: str | None = "auto"
+    sparsity: str | None = "auto"
+    kasa_beta: float = 1e-4
+    kasa_gamma: float = 1e-3
+    kasa_truncation: str = "min"
+    kasa_regularizer_form: str = "rr"
+    rose_keep: float = 0.05
+    rose_t_init: int = 3
+    rose_t_final: int = 20
+    rose_ema: float = 0.8
+    rose_clamp: float | None = None
+    lalora_lambda: float = 1.0
+    lalora_prior_precision: float = 1e-3
+    lalora_curvature: str = "diag"
+    lalora_kfac_rank: int = 32
 
     def __post_init__(self):
         self.validate()
@@ -63,6 +116,20 @@ class AdapterConfig:
     def scaling(self) -> float:
         alpha = float(self.r if self.alpha is None else self.alpha)
         return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+
+    @property
+    def effective_regularizer(self) -> str | None:
+        """The regulariser in force: ``regularizer``, or the method's own when it is ``"auto"``."""
+        if self.regularizer == "auto":
+            return _DEFAULT_REGULARIZER.get(self.method)
+        return self.regularizer
+
+    @property
+    def effective_sparsity(self) -> str | None:
+        """The sparsity schedule in force: ``sparsity``, or the method's own when it is ``"auto"``."""
+        if self.sparsity == "auto":
+            return _DEFAULT_SPARSITY.get(self.method)
+        return self.sparsity
 
     @property
     def needs_calibration(self) -> bool:
@@ -95,6 +162,38 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.lora_null_init='basis' (A0 = Qᵀ) needs null_dim = r")
         if self.pissa_oversample < 0 or self.pissa_n_iter < 0:
             raise ValueError("AdapterConfig.pissa_oversample and pissa_n_iter must be ≥ 0")
+        self._validate_pieces()
+
+    def _validate_pieces(self) -> None:
+        if self.regularizer not in ("auto", None) + REGULARIZER_NAMES:
+            raise ValueError(f"AdapterConfig.regularizer={self.regularizer!r} is unknown; choose one of "
+                             f"{REGULARIZER_NAMES}, None or 'auto'")
+        if self.sparsity not in ("auto", None) + SPARSITY_NAMES:
+            raise ValueError(f"AdapterConfig.sparsity={self.sparsity!r} is unknown; choose one of "
+                             f"{SPARSITY_NAMES}, None or 'auto'")
+        for name in ("kasa_beta", "kasa_gamma", "lalora_lambda", "lalora_prior_precision"):
+            if not _is_real(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"AdapterConfig.{name} must be a finite number ≥ 0, got {getattr(self, name)!r}")
+        if self.kasa_truncation not in ("min", "in"):
+            raise ValueError(f"AdapterConfig.kasa_truncation must be 'min' or 'in', got {self.kasa_truncation!r}")
+        if self.kasa_regularizer_form not in ("rr", "reference"):
+            raise ValueError("AdapterConfig.kasa_regularizer_form must be 'rr' or 'reference', "
+                             f"got {self.kasa_regularizer_form!r}")
+        if not _is_real(self.rose_keep) or not 0.0 < self.rose_keep <= 1.0:
+            raise ValueError(f"AdapterConfig.rose_keep must be in (0, 1], got {self.rose_keep!r}")
+        for name in ("rose_t_init", "rose_t_final"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"AdapterConfig.{name} must be an int ≥ 0, got {getattr(self, name)!r}")
+        if self.rose_t_final < self.rose_t_init:
+            raise ValueError(f"AdapterConfig.rose_t_final={self.rose_t_final} must be ≥ rose_t_init={self.rose_t_init}")
+        if not _is_real(self.rose_ema) or not 0.0 <= self.rose_ema < 1.0:
+            raise ValueError(f"AdapterConfig.rose_ema must be in [0, 1), got {self.rose_ema!r}")
+        if self.rose_clamp is not None and (not _is_real(self.rose_clamp) or self.rose_clamp <= 0):
+            raise ValueError(f"AdapterConfig.rose_clamp must be a finite number > 0 or None, got {self.rose_clamp!r}")
+        if self.lalora_curvature not in ("diag", "kfac"):
+            raise ValueError(f"AdapterConfig.lalora_curvature must be 'diag' or 'kfac', got {self.lalora_curvature!r}")
+        if not _is_int(self.lalora_kfac_rank) or self.lalora_kfac_rank < 1:
+            raise ValueError(f"AdapterConfig.lalora_kfac_rank must be an int ≥ 1, got {self.lalora_kfac_rank!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -24,8 +24,9 @@ class LoRALinear(nn.Module):
     ``bias`` (out,) attributes as ``nn.Linear``. ``weight`` is frozen: it holds the base (the residual
     ``W − s·B0A0`` for methods that rewrite it). Parameters ``lora_A`` (r, in), ``lora_B`` (out, r) and, for methods
     that have one, ``rank_scale`` (r,); buffers ``mask_A`` / ``mask_B`` (bool, RoseLoRA) and ``lora_A0`` /
-    ``lora_B0`` (the initial adapter of methods that rewrite the base, kept so the adapter can be converted to a
-    plain LoRA on the original weight). ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    ``lora_B0`` (for methods that rewrite the base: the factors with ``weight + s·B0A0 = W``, i.e. the initial
+    adapter of pissa / milora / lora_null and KaSA's truncated components; kept so the adapter can be converted to
+    a plain LoRA on the original weight). ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
 
     A is trained iff ``lora_A.requires_grad`` (``freeze_A`` / LoRA-Null v2 turns it off, and the backward then
     neither computes dA nor keeps x). Dropout applies in training mode only. Adapters of half-precision bases are
@@ -101,8 +102,12 @@ class LoRALinear(nn.Module):
             if init.rank_scale is not None:
                 layer.rank_scale.copy_(init.rank_scale)
         if meth.rewrites_base:
-            layer.lora_A0 = layer.lora_A.detach().clone()
-            layer.lora_B0 = layer.lora_B.detach().clone()
+            if init.base_A is not None:  # the removed part is not the initial adapter (KaSA's truncated components)
+                layer.lora_A0 = init.base_A.to(layer.lora_A.dtype).contiguous()
+                layer.lora_B0 = init.base_B.to(layer.lora_B.dtype).contiguous()
+            else:
+                layer.lora_A0 = layer.lora_A.detach().clone()
+                layer.lora_B0 = layer.lora_B.detach().clone()
         layer.lora_A.requires_grad_(not cfg.freeze_A)
         if layer.bias is not None:
             layer.bias.requires_grad_(cfg.train_bias)

@@ -45,3 +45,43 @@ def lora_linear(
     if rank_scale is not None:
         h = h * rank_scale
     return F.linear(x, weight, bias) + scaling * F.linear(h, B)
+
+
+def covariance_update(C: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``C + Σ_t x_tᵀ x_t`` over the tokens kept by ``token_mask``, in float64; functional (C is not modified).
+
+    Args: C (in, in); x (..., in); token_mask bool ``x.shape[:-1]`` or None. Returns (in, in) float64.
+    """
+    x2d = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+    if token_mask is not None:
+        x2d = x2d[token_mask.reshape(-1)]
+    return C.detach().to(torch.float64) + x2d.t() @ x2d
+
+
+def project_out(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """``M (I − QQᵀ)`` formed explicitly in float64. M (..., m, n); Q (..., n, k) with orthonormal columns, or None."""
+    M = M.detach().to(torch.float64)
+    if Q is None:
+        return M
+    Q = Q.detach().to(torch.float64)
+    return M - (M @ Q) @ Q.transpose(-1, -2)
+
+
+def truncated_svd(M: torch.Tensor, rank: int, project_out_Q: torch.Tensor | None = None):
+    """The exact best rank-``rank`` factors of ``M (I − QQᵀ)`` by a full float64 SVD (Eckart–Young).
+
+    Returns ``U (..., m, rank), S (..., rank), Vh (..., rank, n)`` and ``tail (...)``, the optimal squared Frobenius
+    error ``Σ_{i > rank} σ_i²`` that any rank-``rank`` approximation is measured against.
+    """
+    A = project_out(M, project_out_Q)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    tail = (S[..., rank:] ** 2).sum(-1)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :], tail
+
+
+def approximation_error(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                        project_out_Q: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖M (I − QQᵀ) − U diag(S) Vh‖²_F`` in float64, per matrix of the batch: shape ``M.shape[:-2]``."""
+    A = project_out(M, project_out_Q)
+    R = A - (U.to(torch.float64) * S.to(torch.float64).unsqueeze(-2)) @ Vh.to(torch.float64)
+    return (R ** 2).sum((-2, -1))

@@ -1,8 +1,12 @@
-"""One module per method; each exposes ``METHOD`` (a :class:`~.base.Method`)."""
-from . import lora, lora_null, milora, pissa
+"""One module per method; each exposes ``METHOD`` (a :class:`~.base.Method`), and the methods that bring a
+regulariser or a sparsity schedule expose its piece functions too (``kasa``, ``lalora``: ``penalty``; ``roselora``:
+``after_step``). :class:`~loranull_kernels.AdapterConfig` says which pieces a layer uses."""
+from . import kasa, lalora, lora, lora_null, milora, pissa, roselora
 from .base import AdapterInit, Method
 
-_METHODS = {m.METHOD.name: m.METHOD for m in (lora, pissa, milora, lora_null)}
+_METHODS = {m.METHOD.name: m.METHOD for m in (lora, pissa, milora, lora_null, kasa, roselora, lalora)}
+REGULARIZERS = {"kasa": kasa, "lalora": lalora}
+SPARSITY = {"roselora": roselora}
 
 
 def get_method(name: str) -> Method:
@@ -13,4 +17,4 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {sorted(_METHODS)}") from None
 
 
-__all__ = ["AdapterInit", "Method", "get_method"]
+__all__ = ["AdapterInit", "Method", "get_method", "REGULARIZERS", "SPARSITY"]

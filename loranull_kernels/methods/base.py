@@ -1,7 +1,9 @@
 """What a method is made of (METHODS.md): an initialiser, a trainable set, an optional regulariser, an optional
 sparsity schedule. This module defines the initialiser's contract; the trainable set is ``AdapterConfig.freeze_A``
-(plus ``rank_scale`` when an initialiser returns one); regularisers and sparsity schedules plug into
-:class:`~loranull_kernels.nn.LoRALinear` the same way, method by method."""
+(plus ``rank_scale`` when an initialiser returns one); regularisers (``penalty(layer, config, name)``) and sparsity
+schedules (``after_step(layer, step, config, name)``) are functions of their method's module, chosen per layer by
+``AdapterConfig.regularizer`` / ``sparsity`` and run over a model by :func:`loranull_kernels.regularization_loss` /
+:func:`loranull_kernels.after_optimizer_step`; their state lives in buffers of the layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,12 +19,19 @@ class AdapterInit:
     ``weight`` is the base to store (``W_base``); it is the input W itself for methods that keep the base.
     The invariant "output unchanged at init" is ``weight + scaling · B0 diag(d0) A0 == W`` for the methods that
     promise it.
+
+    ``base_A`` / ``base_B``: for base-rewriting methods whose removed part is not the initial adapter (KaSA drops
+    W's smallest singular components and starts the adapter elsewhere), the factors with
+    ``weight + scaling · base_B base_A == W``; the layer keeps them as ``lora_A0`` / ``lora_B0``. None: the initial
+    adapter is that part (pissa, milora, lora_null).
     """
 
     lora_A: torch.Tensor  # (r, in)
     lora_B: torch.Tensor  # (out, r)
     weight: torch.Tensor  # (out, in)
     rank_scale: Optional[torch.Tensor] = None  # (r,)
+    base_A: Optional[torch.Tensor] = None  # (r, in)
+    base_B: Optional[torch.Tensor] = None  # (out, r)
 
 
 Initializer = Callable[..., AdapterInit]

@@ -23,7 +23,7 @@ import torch
 class Dropped(NamedTuple):
     """Dropped entries of an (n_rows, n_cols) matrix in row-major order (sorted)."""
 
-    flat: torch.Tensor  # (nnz,) row * n_cols + col
+    flat: torch.Tensor  # (nnz,) int64: row * n_cols + col
     rows: torch.Tensor  # (nnz,)
     cols: torch.Tensor  # (nnz,)
     n_rows: int
@@ -57,18 +57,19 @@ def dropped_entries(seed: int, n_rows: int, n_cols: int, p: float, device: torch
     pos = pos[: int(torch.searchsorted(pos, n))]
     rows = torch.div(pos, n_cols, rounding_mode="floor")
     cols = pos - rows * n_cols
-    return Dropped(pos, rows, cols, n_rows, n_cols)
+    # flat indices as int64: gathers (take) and index_fill_ want them, and converting once beats every use
+    return Dropped(pos.long(), rows, cols, n_rows, n_cols)
 
 
 def keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device: torch.device) -> torch.Tensor:
     """The dense bool keep mask (n_rows, n_cols) equivalent to :func:`dropped_entries` (tests and references)."""
     mask = torch.ones(n_rows * n_cols, dtype=torch.bool, device=device)
-    mask[dropped_entries(seed, n_rows, n_cols, p, device).flat.long()] = False
+    mask[dropped_entries(seed, n_rows, n_cols, p, device).flat] = False
     return mask.view(n_rows, n_cols)
 
 
 def _values(d: Dropped, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    vals = x.reshape(-1)[d.flat] if x.is_contiguous() else x[d.rows, d.cols]
+    vals = torch.take(x, d.flat) if x.is_contiguous() else x[d.rows, d.cols]
     return vals.to(dtype)
 
 
@@ -110,5 +111,5 @@ def cols_product(d: Dropped, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def zero_dropped_(t: torch.Tensor, d: Dropped) -> torch.Tensor:
     """Set the dropped entries of a contiguous (n_rows, n_cols) tensor to zero, in place."""
-    t.view(-1).index_fill_(0, d.flat.long() if d.flat.dtype != torch.int64 else d.flat, 0)
+    t.view(-1).index_fill_(0, d.flat, 0)
     return t

@@ -1,0 +1,123 @@
+"""Put adapters into a model: replace its targeted linear layers by :class:`~loranull_kernels.nn.LoRALinear`."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .nn import LoRALinear
+from .targets import as_linear, find_targets, is_conv1d, linear_shape
+
+
+def _check_fresh(model: nn.Module) -> None:
+    existing = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if existing:
+        raise ValueError(f"the model already has adapters ({len(existing)} LoRALinear, e.g. {existing[0]!r}); "
+                         "inject into the original model, or use load_adapter to replace their weights")
+
+
+def _check_ranks(targets: list[tuple[str, nn.Module]], r: int) -> None:
+    too_small = [(n, linear_shape(m)) for n, m in targets if r > min(linear_shape(m))]
+    if too_small:
+        name, (i, o) = too_small[0]
+        more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
+        raise ValueError(f"AdapterConfig.r={r} exceeds min(in_features, out_features) = {min(i, o)} of layer "
+                         f"{name!r} (in={i}, out={o}){more}: lower r or exclude the layer")
+
+
+def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
+                    make_layer: Callable[[str, nn.Linear], LoRALinear]) -> nn.Module:
+    """Freeze every parameter of ``model``, then swap each ``(name, module)`` target for ``make_layer(name, linear)``
+    (``linear``: the target as an ``nn.Linear``, Conv1D transposed). Layers that came from a Conv1D get
+    ``fan_in_fan_out = True`` (PEFT's name for that layout) so exports can say so.
+
+    Layers are swapped one at a time, so peak memory grows by one layer, not by every targeted weight."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in targets:
+        layer = make_layer(name, as_linear(module))
+        layer.fan_in_fan_out = is_conv1d(module)
+        if getattr(module, "training", True) != layer.training:
+            layer.train(module.training)
+        model.set_submodule(name, layer)
+    return model
+
+
+def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, **calibrate_kwargs) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` by adapters, in place, and freeze everything else.
+
+    Targets follow ``config.target_modules`` / ``config.exclude_modules`` (see
+    :func:`loranull_kernels.targets.find_targets`: suffixes, a ``re.fullmatch`` regex, or ``"all-linear"`` = every
+    nn.Linear / Conv1D except the output head: the module ``get_output_embeddings()`` returns, linears tied to an
+    input embedding, and anything named or inside ``lm_head`` / ``score`` / ``classifier`` / ``qa_outputs``).
+    GPT-2's ``Conv1D`` is supported: it becomes a LoRALinear with the transposed (out, in) weight.
+
+    Each adapter is ``LoRALinear.from_linear(linear, config=config, covariance=C)`` on the layer's own device and
+    dtype. Methods that need activation statistics (``config.needs_calibration``, e.g. ``lora_null``) first run
+    :func:`loranull_kernels.calibrate` over ``calibration_data`` with ``normalize=config.normalize_calibration``
+    and ``**calibrate_kwargs`` (``progress``, ``max_batches``). With ``config.init_seed`` set, one generator seeded
+    with it draws every layer's random init in module order: reproducible, and different from layer to layer.
+
+    Returns:
+        ``model`` itself. Trainable afterwards: ``lora_A`` (unless ``freeze_A``), ``lora_B``, ``rank_scale`` (when
+        the method has one) and the targeted biases with ``train_bias``.
+
+    Raises:
+        ValueError: no module matched (candidates listed), r larger than some targeted layer (named), missing
+            calibration data for a calibrated method, or a model that already holds adapters.
+        TypeError: ``config`` is not an AdapterConfig, or an explicitly targeted module is not linear.
+
+    These are all raised before the model is touched. An initialiser failing afterwards (e.g. a non-finite weight
+    in an SVD) leaves the layers before it adapted: start again from a fresh copy of the model.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    config.validate()
+    _check_fresh(model)
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    _check_ranks(targets, config.r)
+    covariances = {}
+    if config.needs_calibration:
+        if calibration_data is None:
+            raise ValueError(f"method {config.method!r} needs activation statistics: pass calibration_data "
+                             "(an iterable of batches) to inject")
+        from .calibrate import calibrate_modules
+
+        calibrate_kwargs.setdefault("normalize", config.normalize_calibration)
+        covariances = calibrate_modules(model, targets, calibration_data, **calibrate_kwargs)
+    elif calibration_data is not None:
+        warnings.warn(f"calibration_data is ignored: method {config.method!r} does not use activation statistics",
+                      stacklevel=2)
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def make_layer(name: str, linear: nn.Linear) -> LoRALinear:
+        gen = None
+        if config.init_seed is not None:
+            dev = linear.weight.device
+            if dev not in generators:
+                generators[dev] = torch.Generator(device=dev).manual_seed(config.init_seed)
+            gen = generators[dev]
+        return LoRALinear.from_linear(linear, config=config, covariance=covariances.get(name), generator=gen)
+
+    return replace_targets(model, targets, make_layer)
+
+
+class TrainableParameters(NamedTuple):
+    trainable: int
+    total: int
+    percent: float
+
+
+def print_trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Print and return ``(trainable, total, percent)`` parameter counts (shared/tied parameters counted once)."""
+    trainable = total = 0
+    for p in model.parameters():  # nn.Module.parameters() already yields a shared Parameter once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    percent = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
+    return TrainableParameters(trainable, total, percent)

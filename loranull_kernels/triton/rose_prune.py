@@ -1,0 +1,69 @@
+"""Triton kernel of RoseLoRA's step: importance EMA, per-line top-k selection, mask, zeroing and clamp in one pass.
+
+A "line" is a row of A (r, in) or a column of B (out, r): the groups within which RoseLoRA keeps its top entries.
+One program owns one line and holds it in registers (``BLOCK`` ≥ its length), so each adapter entry, its gradient,
+its importance and its mask are read and written once. One launch covers a layer: programs ``[0, LINES_A)`` take
+A's rows, the rest B's columns (strided; B is small).
+
+Selection without sorting: importances are ≥ 0, so their float32 bit patterns order like the values; a 31-step
+bisection over the bit patterns finds the ``n_prune``-th smallest ``T``; entries below ``T`` are pruned, then the
+first of those equal to ``T`` in index order (a cumsum) until exactly ``n_prune`` are: the same choice as a stable
+ascending sort (the torch fallback). Portable across Triton 3.6 – 3.9: plain pointers, no dots.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _line(p_ptr, g_ptr, imp_ptr, m_ptr, line, N, s_pl, s_pc, s_gl, s_gc, s_il, s_ic, s_ml, s_mc,
+          beta, n_prune, clamp, PRUNE: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    line = line.to(tl.int64)
+    p_raw = tl.load(p_ptr + line * s_pl + cols * s_pc, mask=valid, other=0.0)
+    p = p_raw.to(tl.float32)
+    g = tl.load(g_ptr + line * s_gl + cols * s_gc, mask=valid, other=0.0).to(tl.float32)
+    imp_old = tl.load(imp_ptr + line * s_il + cols * s_ic, mask=valid, other=0.0)
+    imp = imp_old * beta + tl.abs(p * g) * (1.0 - beta)
+    tl.store(imp_ptr + line * s_il + cols * s_ic, imp, mask=valid)
+    if PRUNE:
+        bits = imp.to(tl.int32, bitcast=True)
+        lo = tl.full((), 0, tl.int32)
+        hi = tl.full((), 0x7F800000, tl.int32)  # +inf
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            count = tl.sum(((bits <= mid) & valid).to(tl.int32), axis=0)
+            enough = count >= n_prune
+            hi = tl.where(enough, mid, hi)
+            lo = tl.where(enough, lo, mid + 1)
+        below = (bits < lo) & valid
+        ties = (bits == lo) & valid
+        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)
+        pruned = below | (ties & (tie_rank <= n_prune - tl.sum(below.to(tl.int32), axis=0)))
+        p = tl.where(pruned, 0.0, p)
+        if CLAMP:
+            p = tl.minimum(tl.maximum(p, -clamp), clamp)
+        tl.store(p_ptr + line * s_pl + cols * s_pc, p.to(p_raw.dtype), mask=valid)
+        tl.store(m_ptr + line * s_ml + cols * s_mc, (~pruned).to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def rose_prune_kernel(
+    a_ptr, ga_ptr, ia_ptr, ma_ptr, b_ptr, gb_ptr, ib_ptr, mb_ptr, count_ptr,
+    LINES_A, N_A, N_B,
+    s_a0, s_a1, s_ga0, s_ga1, s_ia0, s_ia1, s_ma0, s_ma1,
+    s_b0, s_b1, s_gb0, s_gb1, s_ib0, s_ib1, s_mb0, s_mb1,
+    ema, prune_a, prune_b, clamp,
+    PRUNE: tl.constexpr, CLAMP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Programs [0, LINES_A): rows of A (length N_A); the others: columns of B (length N_B). ``count`` holds the
+    number of earlier updates: the first one sets Ī = I (decay 0), later ones decay by ``ema``."""
+    pid = tl.program_id(0)
+    beta = tl.where(tl.load(count_ptr) == 0, 0.0, ema)
+    if pid < LINES_A:
+        _line(a_ptr, ga_ptr, ia_ptr, ma_ptr, pid, N_A, s_a0, s_a1, s_ga0, s_ga1, s_ia0, s_ia1, s_ma0, s_ma1,
+              beta, prune_a, clamp, PRUNE, CLAMP, BLOCK_A)
+    else:
+        # B's line j is its column j: consecutive entries are a row stride apart.
+        _line(b_ptr, gb_ptr, ib_ptr, mb_ptr, pid - LINES_A, N_B, s_b1, s_b0, s_gb1, s_gb0, s_ib1, s_ib0, s_mb1,
+              s_mb0, beta, prune_b, clamp, PRUNE, CLAMP, BLOCK_B)

@@ -1,0 +1,215 @@
+"""lk.calibrate: per-layer input covariances over a model and a data set."""
+import importlib
+import socket
+
+import pytest
+import torch
+
+import loranull_kernels as lk
+import loranull_kernels.covariance as covariance_module
+from loranull_kernels.calibrate import calibrate
+from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
+from loranull_kernels.inject import inject
+
+from .helpers import assert_close
+from .tiny_models import capture_inputs, tiny_model, token_batches
+
+calibrate_module = importlib.import_module("loranull_kernels.calibrate")  # lk.calibrate is the function
+
+LLAMA_SHARED = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with lk.backend.use("torch"):
+        yield
+
+
+def reference(records, masks=None, normalize=False):
+    """Σ x̃ᵀx̃ / n_tokens in float64 from captured inputs (one tensor per batch), padding removed by ``masks``."""
+    out = {}
+    for name, xs in records.items():
+        C, n = 0, 0
+        for i, x in enumerate(xs):
+            x = x.double()
+            keep = torch.ones(x.shape[:-1], dtype=torch.bool) if masks is None else masks[i]
+            if normalize:  # per sample (row of the batch): divide by |max over its kept tokens and features|
+                peak = torch.stack([x[b][keep[b]].max() for b in range(x.shape[0])]).abs()
+                x = x / peak[:, None, None]
+            kept = x[keep]
+            C, n = C + kept.t() @ kept, n + kept.shape[0]
+        out[name] = C / n
+    return out
+
+
+def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeypatch):
+    created, updates = [], []
+
+    class Counting(CovarianceAccumulator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            created.append(self.name)
+
+    real_update = covariance_module.covariance_update
+    monkeypatch.setattr(calibrate_module, "CovarianceAccumulator", Counting)
+    monkeypatch.setattr(covariance_module, "covariance_update", lambda *a: updates.append(1) or real_update(*a))
+    model = tiny_model("llama")
+    data = token_batches(3, seed=1)
+    records, remove = capture_inputs(model, torch.nn.Linear)
+    covs = calibrate(model, data, progress=False)
+    remove()
+    assert len(created) == 8 and len(updates) == 8 * 3, "q/k/v and gate/up are accumulated once per layer"
+    assert set(covs) == {f"model.layers.{i}.{n}" for i in (0, 1) for group in LLAMA_SHARED for n in group}
+    for i in (0, 1):
+        for group in LLAMA_SHARED:
+            first = covs[f"model.layers.{i}.{group[0]}"]
+            assert all(covs[f"model.layers.{i}.{n}"] is first for n in group[1:])
+    ref = reference({n: xs for n, xs in records.items() if n in covs})
+    for name, C in covs.items():
+        assert C.dtype == torch.float32 and C.shape == ref[name].shape
+        assert_close(C, ref[name], torch.float32, name, tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_padding_is_masked_through_the_attention_mask(kind):
+    model = tiny_model(kind)
+    g = torch.Generator().manual_seed(4)
+    lengths = [12, 7, 4]
+    seqs = [torch.randint(1, 96, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(seqs), 12, dtype=torch.long)
+    mask = torch.zeros(len(seqs), 12, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    padded = calibrate(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    alone = calibrate(model, [{"input_ids": s[None]} for s in seqs], progress=False)
+    assert set(padded) == set(alone)
+    for name in padded:
+        assert_close(padded[name], alone[name], torch.float32, name, tol=1e-5)
+    unmasked = calibrate(model, [{"input_ids": ids}], progress=False)
+    name = next(iter(padded))
+    assert (unmasked[name] - alone[name]).abs().max() > 1e-3, "without the mask the padding would count"
+
+
+def test_normalize_option_divides_each_sample_by_its_abs_max():
+    model = tiny_model("llama")
+    data = token_batches(2, batch=3, seq=8, seed=2)
+    data[1]["attention_mask"][0, 5:] = 0  # the max is taken over kept tokens only
+    records, remove = capture_inputs(model, torch.nn.Linear)
+    covs = calibrate(model, data, target_modules=["q_proj", "down_proj"], normalize=True, progress=False)
+    remove()
+    ref = reference({n: records[n] for n in covs}, masks=[b["attention_mask"].bool() for b in data], normalize=True)
+    plain = calibrate(model, data, target_modules=["q_proj", "down_proj"], progress=False)
+    for name in covs:
+        assert_close(covs[name], ref[name], torch.float32, name, tol=1e-5)
+        assert not torch.allclose(covs[name], plain[name], rtol=1e-2)
+
+
+def test_batch_types_max_batches_and_adapted_models():
+    model = tiny_model("llama")
+    ids = [b["input_ids"] for b in token_batches(3, seed=3, mask=False)]
+    as_dicts = calibrate(model, [{"input_ids": x} for x in ids], target_modules=["v_proj"], progress=False)
+    as_tensors = calibrate(model, ids, target_modules=["v_proj"], progress=True)
+    as_tuples = calibrate(model, [(x,) for x in ids], target_modules=["v_proj"], progress=False)
+    first_only = calibrate(model, ids, target_modules=["v_proj"], progress=False, max_batches=1)
+    ref_first = calibrate(model, ids[:1], target_modules=["v_proj"], progress=False)
+    for name, C in as_dicts.items():
+        assert torch.equal(C, as_tensors[name]) and torch.equal(C, as_tuples[name])
+        assert torch.equal(first_only[name], ref_first[name]) and not torch.equal(first_only[name], C)
+    adapted = inject(tiny_model("llama"), lk.AdapterConfig(method="milora", r=4, target_modules=["v_proj"]))
+    after = calibrate(adapted, ids, target_modules=["v_proj"], progress=False)  # LoRALinear layers are hooked too
+    for name, C in as_dicts.items():
+        assert_close(after[name], C, torch.float32, name, tol=1e-5)
+    with pytest.raises(TypeError, match="tuple/list"):
+        calibrate(model, ["not a batch"], progress=False)
+
+
+def test_hooks_run_the_triton_covariance_kernel_when_selected(monkeypatch):
+    if lk.backend.triton_unusable_reason(torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("Triton (or its interpreter) is not usable here")
+    kernel = importlib.import_module("loranull_kernels.triton.covariance")
+    launches = []
+    real_launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a: launches.append(1) or real_launch(*a))
+    model = tiny_model("llama")
+    data = token_batches(1, seed=1)
+    data[0]["attention_mask"][1, 8:] = 0  # the kernel's token mask path
+    with lk.backend.use("triton"):
+        fused = calibrate(model, data, target_modules=["q_proj", "down_proj"], progress=False)
+    assert len(launches) == 4, "one kernel launch per accumulator and batch"
+    plain = calibrate(model, data, target_modules=["q_proj", "down_proj"], progress=False)
+    for name, C in plain.items():
+        assert_close(fused[name], C, torch.float32, name, tol=1e-5)
+
+
+def test_gpt2_conv1d_inputs_are_calibrated():
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_model("gpt2")
+    data = token_batches(2, seed=6)
+    records, remove = capture_inputs(model, Conv1D)
+    covs = calibrate(model, data, progress=False)
+    remove()
+    assert set(covs) == set(records) and "lm_head" not in covs
+    ref = reference(records)
+    for name, C in covs.items():
+        assert_close(C, ref[name], torch.float32, name, tol=1e-5)
+
+
+def test_eval_mode_and_no_grad_during_calibration_then_restored():
+    model = tiny_model("llama").train()
+    model.model.layers[1].eval()  # a mixed state must come back as it was
+    seen = []
+    q = model.model.layers[0].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda m, a: seen.append((model.training, m.training, torch.is_grad_enabled())))
+    calibrate(model, token_batches(1), progress=False)
+    handle.remove()
+    assert seen == [(False, False, False)]
+    assert model.training and q.training and not model.model.layers[1].training
+    assert all(not m._forward_pre_hooks for m in model.modules()), "calibration hooks removed"
+
+
+def test_errors_empty_data_non_finite_activations_no_target():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, [], progress=False)
+    only_padding = token_batches(1)
+    only_padding[0]["attention_mask"].zero_()
+    with pytest.raises(ValueError, match="empty calibration set"):
+        calibrate(model, only_padding, progress=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("inf")
+    bad = {"input_ids": torch.full((1, 6), 5), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    model.train()
+    with pytest.raises(NonFiniteCalibrationError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        calibrate(model, [bad], progress=False)
+    assert all(not m._forward_pre_hooks for m in model.modules()), "hooks removed after an error"
+    assert model.training, "mode restored after an error"
+    with pytest.raises(ValueError, match="no module matched"):
+        calibrate(model, token_batches(1), target_modules=["qkv"], progress=False)
+    with pytest.raises(ValueError, match="max_batches"):
+        calibrate(model, token_batches(1), max_batches=0, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two fresh interpreters import torch and transformers
+def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from .calibrate_workers import calibrate_worker
+
+    mp.spawn(calibrate_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    everything = calibrate(tiny_model("llama"), token_batches(4, seed=5), progress=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        expected_error = "NonFiniteCalibrationError" if rank == 1 else "RuntimeError: calibration failed on rank 1"
+        assert got["error"].startswith(expected_error), got["error"]
+        for key in ("halves", "one_rank"):
+            assert set(got[key]) == set(everything)
+            for name, C in everything.items():
+                assert_close(got[key][name], C, torch.float32, f"rank {rank} {key} {name}", tol=1e-5)
