@@ -11,7 +11,7 @@ Format (a directory, :data:`FORMAT_VERSION` 1):
 - ``loranull_adapter.json``: format name and version, package version, ``AdapterConfig.to_dict()``, and per module
   its shapes, bias, Conv1D layout and base dtype.
 
-Base-rewriting methods (pissa, milora, lora_null) store no residual base: it is rebuilt at load time as
+Base-rewriting methods (pissa, milora, lora_null, kasa) store no residual base: it is rebuilt at load time as
 ``W − s·B0A0`` from the model's original weight W and the saved ``B0``, ``A0``, with the very operations
 :meth:`LoRALinear.from_linear` used, so loading onto a fresh original model reproduces the saved model's base bit
 for bit. The file stays adapter-sized (a residual would be a copy of every targeted weight).
@@ -348,7 +348,7 @@ def to_plain_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]
     ``scaling · B' A' = (weight + delta_weight()) − original_weight()``.
 
     Masks are folded into A and B, ``rank_scale`` into B. For base-rewriting methods (``lora_A0`` set: pissa,
-    milora, lora_null) the rank doubles: ``A' = [A; A0]`` (2r, in), ``B' = [B, −B0]`` (out, 2r), i.e.
+    milora, lora_null, kasa) the rank doubles: ``A' = [A; A0]`` (2r, in), ``B' = [B, −B0]`` (out, 2r), i.e.
     ``ΔW = s(BA − B0A0)``; otherwise ``A'`` (r, in), ``B'`` (out, r). Computed in float32 (float64 for float64
     layers); ``scaling`` is the layer's ``s``. Independent of the merge state.
     """

@@ -50,14 +50,16 @@ def test_exact_for_matrices_of_rank_at_most_the_sketch():
     M = known_spectrum(45, 33, s)
     U, S, Vh = rsvd(M.float().to(DEVICE), 5, oversample=0, n_iter=0, seed=0)
     assert (S.double().cpu() - s).abs().max() < 1e-5
-    assert reference.approximation_error(M, U.cpu(), S.cpu(), Vh.cpu()) < 1e-9
+    # Exact up to float32 rounding of the factors: relative to ‖M‖² (39.25 here), far below the smallest
+    # component's energy (0.25) that any truncation would lose.
+    assert reference.approximation_error(M, U.cpu(), S.cpu(), Vh.cpu()) < 1e-7 * s.square().sum()
 
 
 def test_full_rank_request_is_the_full_svd():
     M = torch.randn(23, 19, dtype=torch.float64)
     U, S, Vh = rsvd(M.float().to(DEVICE), 19, seed=1)
     assert (S.double().cpu() - torch.linalg.svdvals(M)).abs().max() < 1e-4
-    assert reference.approximation_error(M, U.cpu(), S.cpu(), Vh.cpu()) < 1e-8
+    assert reference.approximation_error(M, U.cpu(), S.cpu(), Vh.cpu()) < 1e-9 * M.square().sum()  # float32 rounding
 
 
 @pytest.mark.parametrize("shared_q", [True, False])
