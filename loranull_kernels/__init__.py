@@ -16,10 +16,11 @@ from .adapters import save_adapter, load_adapter, export_peft, to_plain_lora
 from .regularize import regularization_loss
 from .sparsity import after_optimizer_step
 from .curvature import estimate_curvature
+from . import integrations
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "lora_linear", "AdapterConfig", "LoRALinear", "covariance_update", "rsvd",
            "CovarianceAccumulator", "nullspace", "inject", "print_trainable_parameters", "calibrate",
            "save_adapter", "load_adapter", "export_peft", "to_plain_lora", "regularization_loss",
-           "after_optimizer_step", "estimate_curvature", "__version__"]
+           "after_optimizer_step", "estimate_curvature", "integrations", "__version__"]

@@ -1,0 +1,16 @@
+"""Integrations with other adapter libraries.
+
+Submodules are imported lazily so ``import loranull_kernels`` never imports the library being integrated:
+``lk.integrations.peft`` imports peft on first access.
+"""
+import importlib
+
+__all__ = ["peft"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,34 @@
+"""DDP (gloo, 2 CPU processes) trains injected adapters to the parameters one process reaches on the whole batch.
+
+Calibration across processes (covariance all-reduce) is covered in tests/test_calibrate.py.
+"""
+import socket
+
+import pytest
+import torch
+
+import loranull_kernels as lk
+from tests.ddp_workers import adapted_llama, batch, ddp_worker, train
+from tests.helpers import assert_close
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two fresh interpreters import torch and transformers
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    with lk.backend.use("torch"):
+        start = [p.detach().clone() for p in adapted_llama().parameters() if p.requires_grad]
+        expected = train(adapted_llama(), batch())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]) == len(expected) == 12
+    assert any(not torch.allclose(e, s) for e, s in zip(expected, start))  # training moved the adapters
+    for r, got in enumerate(ranks):
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_close(g, e.detach(), torch.float32, f"rank {r} parameter {i}", tol=1e-5)
