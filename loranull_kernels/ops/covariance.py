@@ -59,7 +59,7 @@ def _torch_update(C: torch.Tensor, x2d: torch.Tensor, mask: torch.Tensor | None)
         C.addmm_(chunk.t(), chunk)
 
 
-@torch.library.custom_op("loranull_kernels::covariance_update", mutates_args=("C",))
+@torch.library.custom_op("loranull::covariance_update", mutates_args=("C",))
 def _covariance_update_op(C: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> None:
     K = x.shape[-1]
     x2d = x.reshape(-1, K)  # a view for every contiguous or row-sliced x: the kernel reads it in place
