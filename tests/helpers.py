@@ -28,3 +28,20 @@ def f64(t: torch.Tensor | None, requires_grad: bool | None = None) -> torch.Tens
     if requires_grad if requires_grad is not None else t.requires_grad:
         c.requires_grad_(True)
     return c
+
+
+def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 300.0) -> None:
+    """``torch.multiprocessing.spawn`` with a deadline: a hung worker fails the test instead of stalling CI until its
+    time limit (errors raised in a worker propagate as with ``spawn(join=True)``)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{nprocs} worker processes of {getattr(fn, '__name__', fn)} did not finish in {timeout_s:.0f} s")

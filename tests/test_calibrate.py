@@ -11,7 +11,7 @@ from loranull_kernels.calibrate import calibrate
 from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
 from loranull_kernels.inject import inject
 
-from .helpers import assert_close
+from .helpers import assert_close, spawn_and_join
 from .tiny_models import capture_inputs, tiny_model, token_batches
 
 calibrate_module = importlib.import_module("loranull_kernels.calibrate")  # lk.calibrate is the function
@@ -199,11 +199,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # two fresh interpreters import torch and transformers
 def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
-    import torch.multiprocessing as mp
 
     from .calibrate_workers import calibrate_worker
 
-    mp.spawn(calibrate_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_and_join(calibrate_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
     everything = calibrate(tiny_model("llama"), token_batches(4, seed=5), progress=False)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -1,13 +1,12 @@
 """CovarianceAccumulator: counts, normalisation, means, non-finite input, and all_reduce over 2 gloo processes."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import loranull_kernels.backend as backend
 from loranull_kernels import reference
 from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
 from tests.distributed_workers import covariance_all_reduce, rank_batches
-from tests.helpers import assert_close
+from tests.helpers import assert_close, spawn_and_join
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,7 +105,7 @@ def test_c_follows_the_first_batch_device():
 
 def test_all_reduce_over_two_gloo_processes(tmp_path):
     dim, world = 10, 2
-    mp.spawn(covariance_all_reduce, args=(world, str(tmp_path / "init"), str(tmp_path), dim), nprocs=world, join=True)
+    spawn_and_join(covariance_all_reduce, (world, str(tmp_path / "init"), str(tmp_path), dim), nprocs=world)
     expected = torch.zeros(dim, dim, dtype=torch.float64)
     tokens = samples = 0
     for rank in range(world):

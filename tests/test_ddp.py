@@ -9,7 +9,7 @@ import torch
 
 import loranull_kernels as lk
 from tests.ddp_workers import adapted_llama, batch, ddp_worker, train
-from tests.helpers import assert_close
+from tests.helpers import assert_close, spawn_and_join
 
 
 def _free_port() -> int:
@@ -20,9 +20,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # two fresh interpreters import torch and transformers
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_and_join(ddp_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
     with lk.backend.use("torch"):
         start = [p.detach().clone() for p in adapted_llama().parameters() if p.requires_grad]
         expected = train(adapted_llama(), batch())
