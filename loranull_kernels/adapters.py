@@ -355,14 +355,7 @@ def to_plain_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]
     if not isinstance(layer, LoRALinear):
         raise TypeError(f"to_plain_lora needs a LoRALinear, got {type(layer).__name__}")
     cd = _compute_dtype(layer.weight.dtype)
-    A = layer.lora_A.detach().to(cd)
-    B = layer.lora_B.detach().to(cd)
-    if layer.mask_A is not None:
-        A = A * layer.mask_A
-    if layer.mask_B is not None:
-        B = B * layer.mask_B
-    if layer.rank_scale is not None:
-        B = B * layer.rank_scale.detach().to(cd)
+    A, B = layer.effective_factors(cd)
     if layer.lora_A0 is not None:
         A = torch.cat([A, layer.lora_A0.to(cd)], dim=0)
         B = torch.cat([B, -layer.lora_B0.to(cd)], dim=1)

@@ -123,8 +123,9 @@ class LoRALinear(nn.Module):
                            dropout_p=self.dropout if self.training else 0.0, rank_scale=self.rank_scale,
                            mask_A=self.mask_A, mask_B=self.mask_B, train_A=self.lora_A.requires_grad)
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``s · (B⊙mask_B) diag(d) (A⊙mask_A)`` (out, in), in float32 (float64 for float64 bases) or ``dtype``."""
+    def effective_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A⊙mask_A (r, in), (B⊙mask_B) diag(d) (out, r))``: the adapter as one plain LoRA pair, detached, in
+        float32 (float64 for float64 bases) or ``dtype``."""
         dt = dtype or _compute_dtype(self.weight.dtype)
         A = self.lora_A.detach().to(dt)
         B = self.lora_B.detach().to(dt)
@@ -134,6 +135,11 @@ class LoRALinear(nn.Module):
             B = B * self.mask_B
         if self.rank_scale is not None:
             B = B * self.rank_scale.detach().to(dt)
+        return A, B
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s · (B⊙mask_B) diag(d) (A⊙mask_A)`` (out, in), in float32 (float64 for float64 bases) or ``dtype``."""
+        A, B = self.effective_factors(dtype)
         return self.scaling * (B @ A)
 
     def original_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -30,6 +30,15 @@ def f64(t: torch.Tensor | None, requires_grad: bool | None = None) -> torch.Tens
     return c
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 300.0) -> None:
     """``torch.multiprocessing.spawn`` with a deadline: a hung worker fails the test instead of stalling CI until its
     time limit (errors raised in a worker propagate as with ``spawn(join=True)``)."""

@@ -1,6 +1,5 @@
 """lk.calibrate: per-layer input covariances over a model and a data set."""
 import importlib
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from loranull_kernels.calibrate import calibrate
 from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
 from loranull_kernels.inject import inject
 
-from .helpers import assert_close, spawn_and_join
+from .helpers import assert_close, free_port, spawn_and_join
 from .tiny_models import capture_inputs, tiny_model, token_batches
 
 calibrate_module = importlib.import_module("loranull_kernels.calibrate")  # lk.calibrate is the function
@@ -191,18 +190,12 @@ def test_errors_empty_data_non_finite_activations_no_target():
         calibrate(model, token_batches(1), max_batches=0, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two fresh interpreters import torch and transformers
 def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
 
     from .calibrate_workers import calibrate_worker
 
-    spawn_and_join(calibrate_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(calibrate_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     everything = calibrate(tiny_model("llama"), token_batches(4, seed=5), progress=False)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")

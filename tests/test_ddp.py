@@ -2,25 +2,18 @@
 
 Calibration across processes (covariance all-reduce) is covered in tests/test_calibrate.py.
 """
-import socket
 
 import pytest
 import torch
 
 import loranull_kernels as lk
 from tests.ddp_workers import adapted_llama, batch, ddp_worker, train
-from tests.helpers import assert_close, spawn_and_join
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import assert_close, free_port, spawn_and_join
 
 
 @pytest.mark.slow  # two fresh interpreters import torch and transformers
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    spawn_and_join(ddp_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(ddp_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     with lk.backend.use("torch"):
         start = [p.detach().clone() for p in adapted_llama().parameters() if p.requires_grad]
         expected = train(adapted_llama(), batch())

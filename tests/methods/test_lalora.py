@@ -96,9 +96,11 @@ def test_nystrom_sketch_is_exact_on_low_rank_and_near_optimal_otherwise():
     n, k = 60, 4
     U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64)).Q
     low = U[:, :k] @ torch.diag(torch.tensor([9.0, 4.0, 2.0, 1.0], dtype=torch.float64)) @ U[:, :k].t()
-    Omega = torch.linalg.qr(torch.randn(n, k + 6, dtype=torch.float64)).Q
+    # 12 oversampling columns: with 6, the eigenvalue bound below failed for 12 of 1000 random sketches; with 12,
+    # for none of 1000 (a fresh random sketch every session must not make the test flaky).
+    Omega = torch.linalg.qr(torch.randn(n, k + 12, dtype=torch.float64)).Q
     V, s = lalora.nystrom_eig(low @ Omega, Omega, k)
-    assert_close(V @ torch.diag(s) @ V.t(), low, torch.float64, "rank-4 matrix from a rank-10 sketch", tol=1e-9)
+    assert_close(V @ torch.diag(s) @ V.t(), low, torch.float64, "rank-4 matrix from a rank-16 sketch", tol=1e-9)
     spectrum = 0.5 ** torch.arange(n, dtype=torch.float64)  # a decaying spectrum
     full = U @ torch.diag(spectrum) @ U.t()
     V, s = lalora.nystrom_eig(full @ Omega, Omega, k)
