@@ -70,7 +70,7 @@ def _peft_layer(weight, bias, A, B, case: Case):
 def make_providers(case: Case, device: torch.device, generator_seed: int = 0):
     """Return ``{name: (fn(x) -> y, params)}`` for the providers that can run here, plus the shared inputs."""
     g = torch.Generator(device="cpu").manual_seed(generator_seed)
-    M, K, N, r, dt = case.M, case.K, case.N, case.r, case.dtype
+    K, N, r, dt = case.K, case.N, case.r, case.dtype
     weight = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dt)
     bias = torch.randn(N, generator=g).to(device, dt)
     A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device, dt)

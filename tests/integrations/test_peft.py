@@ -1,5 +1,4 @@
 """lk.integrations.peft: patched PEFT LoRA layers match PEFT's own forward/backward, or fall back with a log."""
-import copy
 import logging
 
 import pytest
