@@ -1,0 +1,336 @@
+"""The forgetting benchmark: learn a new task, keep the old knowledge. Every method, equal budgets, several seeds.
+
+A small Llama pre-trained on a synthetic world (:mod:`.pretrain`, :mod:`.world`) knows hundreds of facts; it is
+fine-tuned on multi-digit addition (:mod:`.arithmetic`), which it cannot do, with each method of the package and
+with full fine-tuning. After fine-tuning we measure
+
+- **target accuracy**: exact-match accuracy on held-out addition problems (learning);
+- **retention**: the share of the facts it still recalls, in phrasings never seen in pre-training, relative to the
+  pre-trained model (forgetting);
+- the **leak** of each adapter (LoRA-Null's measure): the share of held-out knowledge activations' energy inside
+  the row space of A, averaged over the adapted layers, at init and after fine-tuning.
+
+Protocol (the same for every method): rank ``r`` on every linear layer of the blocks, ``steps`` AdamW steps of
+``batch_size`` problems, a one-cycle learning-rate schedule; the learning rate is picked per method from
+``lrs`` by validation target accuracy on the first seed (ties: the better retention), then every seed runs at
+that rate and the reported numbers are test accuracy and retention, mean ± standard deviation over the seeds.
+LaLoRA is LoRA plus a penalty, so its λ sweep runs at LoRA's selected rate and traces a curve from LoRA's point
+(λ = 0) towards no learning. LoRA-Null calibrates on fact *questions* in the training phrasings (the paper
+calibrates on NQ-open questions); LaLoRA estimates its curvature on pre-training sentences.
+
+Everything goes through the public API (``lk.inject``, ``lk.calibrate`` via ``inject``, ``lk.estimate_curvature``,
+``lk.regularization_loss``, ``lk.after_optimizer_step``, ``lk.nullspace.leak``), so the benchmark doubles as the
+package's end-to-end test. Reporting (CSV, plot, README table): :mod:`.forgetting_report`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import AdapterConfig, LoRALinear, after_optimizer_step, backend, estimate_curvature, inject, nullspace
+from .. import regularization_loss
+from . import arithmetic, qa
+from .pretrain import PretrainConfig, load_or_pretrain, recall
+from .world import EOS, World, WorldConfig
+
+# The blocks' linear layers, as the papers adapt them (the embeddings and the tied head stay frozen).
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark. ``config`` None means full fine-tuning (every parameter trains)."""
+
+    name: str
+    family: str
+    config: AdapterConfig | None
+    lrs: tuple[float, ...]
+    lalora_lambda: float | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Budgets and grids. :data:`QUICK` (CI, a couple of minutes) and :data:`FULL` (the committed results)."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    r: int = 8
+    steps: int = 300
+    batch_size: int = 32
+    digits: tuple[int, int] = (2, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    adapter_lrs: tuple[float, ...] = (1e-3, 3e-3, 6e-3)
+    full_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lalora_lambdas: tuple[float, ...] = (1e3, 1e4, 1e5)
+    lalora_prior_precision: float = 1e-6
+    rose_keep: float = 0.3
+    calibration_questions: int = 512
+    curvature_batches: int = 8
+    leak_questions: int = 400
+    methods: tuple[str, ...] | None = None  # a subset of method names; None: all
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.steps < 1 or self.batch_size < 1 or self.r < 1:
+            raise ValueError("steps, batch_size and r must be ≥ 1")
+
+
+FULL = BenchmarkConfig()
+QUICK = BenchmarkConfig(
+    pretrain=PretrainConfig(world=WorldConfig(n_entities=40, relations=("capital", "language", "population")),
+                            hidden_size=96, intermediate_size=192, num_layers=2, steps=1200, batch_size=32, lr=3e-3),
+    r=4, steps=60, batch_size=16, seeds=(0, 1), adapter_lrs=(3e-3, 1e-2), full_lrs=(1e-3,), lalora_lambdas=(1e4,),
+    calibration_questions=64, curvature_batches=2, leak_questions=64)
+
+
+def methods(cfg: BenchmarkConfig) -> list[Method]:
+    """The benchmark's rows. Scalings follow the papers: s = 2 (alpha = 2r) for LoRA and the methods built on its
+    init (KaSA, RoseLoRA, LaLoRA), s = 1 (alpha = r) for the SVD-based inits (PiSSA, MiLoRA, LoRA-Null)."""
+    r, lrs = cfg.r, cfg.adapter_lrs
+    base = dict(r=r, target_modules=TARGETS)
+    plain = AdapterConfig(method="lora", alpha=2 * r, **base)
+    # RoseLoRA for fine-tuning (not editing): keep a fraction rose_keep of each row of A / column of B, pruning on the
+    # cubic schedule from 10% to 60% of the steps, no clamp.
+    rose = AdapterConfig(method="roselora", alpha=2 * r, rose_keep=cfg.rose_keep, rose_t_init=max(1, cfg.steps // 10),
+                         rose_t_final=max(2, (6 * cfg.steps) // 10), **base)
+    out = [
+        Method("full fine-tuning", "full", None, cfg.full_lrs),
+        Method("lora", "lora", plain, lrs),
+        Method("pissa", "pissa", AdapterConfig(method="pissa", alpha=r, **base), lrs),
+        Method("milora", "milora", AdapterConfig(method="milora", alpha=r, **base), lrs),
+        Method("lora_null v1", "lora_null", AdapterConfig(method="lora_null", alpha=r, **base), lrs),
+        Method("lora_null v2", "lora_null", AdapterConfig(method="lora_null", alpha=r, freeze_A=True, **base), lrs),
+        Method("kasa", "kasa", AdapterConfig(method="kasa", alpha=2 * r, **base), lrs),
+        Method("roselora", "roselora", rose, lrs),
+    ]
+    # LaLoRA = LoRA + the Laplace penalty: its λ sweep runs at LoRA's selected rate (filled in by run()).
+    out += [Method(f"lalora λ={lam:g}", "lalora",
+                   dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
+                                       lalora_prior_precision=cfg.lalora_prior_precision), (), lalora_lambda=lam)
+            for lam in cfg.lalora_lambdas]
+    if cfg.methods is not None:
+        unknown = set(cfg.methods) - {m.name for m in out} - {"lalora"}
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in out]} or 'lalora'")
+        out = [m for m in out if m.name in cfg.methods or (m.family == "lalora" and "lalora" in cfg.methods)]
+    return out
+
+
+@dataclass
+class Setup:
+    """Everything the runs share: the pre-trained model, its world, the task, and the data of calibration,
+    curvature and evaluation (built once)."""
+
+    config: BenchmarkConfig
+    base: torch.nn.Module
+    world: World
+    record: dict
+    task: dict[str, list[tuple[str, str]]]
+    calibration: list[dict]
+    source: list[dict]
+    held_out: list[tuple[str, str]]
+    leak_batch: dict
+    recall_before: float
+    device: torch.device
+
+
+def prepare(cfg: BenchmarkConfig, device=None, progress: bool = True) -> Setup:
+    """Load (or pre-train once) the model and build the shared data."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base, world, record = load_or_pretrain(cfg.pretrain, progress=progress)
+    base = base.to(device)
+    g = torch.Generator().manual_seed(1234)
+
+    def pick(items: list, n: int) -> list:
+        idx = torch.randperm(len(items), generator=g)[: min(n, len(items))]
+        return [items[i] for i in idx.tolist()]
+
+    train_questions = [q for f in world.facts for q in world.questions(f, "train")]
+    held_out = [q for f in world.facts for q in world.questions(f, "held_out")]
+    calib = pick(train_questions, cfg.calibration_questions)
+    calibration = [qa.encode(world.vocab, calib[i : i + 64], with_answer=False) for i in range(0, len(calib), 64)]
+    sentences = pick([(f"{s} {EOS}", "") for s in world.corpus()], 32 * cfg.curvature_batches)
+    source = []
+    for i in range(0, len(sentences), 32):
+        b = qa.encode(world.vocab, sentences[i : i + 32], with_answer=False)
+        source.append({**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, qa.IGNORE)})
+    leak_batch = qa.encode(world.vocab, pick(held_out, cfg.leak_questions), with_answer=False)
+    task = arithmetic.splits(cfg.digits, seed=cfg.pretrain.seed)
+    return Setup(cfg, base, world, record, task, calibration, source, held_out, leak_batch,
+                 recall(base, world, "held_out"), device)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mean_leak(model: torch.nn.Module, batch: dict) -> float:
+    """Mean over the adapter layers of ``lk.nullspace.leak`` of their inputs on ``batch`` (padding excluded)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        return math.nan
+    keep = batch["attention_mask"].reshape(-1).bool()
+    inputs: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].detach()))
+             for m in layers]
+    try:
+        model.eval()
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    leaks = [nullspace.leak(inputs[m].reshape(-1, inputs[m].shape[-1])[keep.to(inputs[m].device)], m.lora_A)
+             for m in layers]
+    return sum(leaks) / len(leaks)
+
+
+def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
+    """One run: copy the pre-trained model, attach the method, train on the task, measure. Returns a result row."""
+    cfg, world, device = setup.config, setup.world, setup.device
+    start = time.perf_counter()
+    model = copy.deepcopy(setup.base)
+    if method.config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        config = dataclasses.replace(method.config, init_seed=seed)
+        inject(model, config, calibration_data=[_to(b, device) for b in setup.calibration]
+               if config.needs_calibration else None, progress=False)
+        if config.effective_regularizer == "lalora":
+            estimate_curvature(model, [_to(b, device) for b in setup.source])
+    leak_batch = _to(setup.leak_batch, device)
+    leak_init = mean_leak(model, leak_batch)
+    recall_init = recall(model, world, "held_out")  # KaSA's truncation changes the model before any step
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    train = setup.task["train"]
+    model.train()
+    losses = []
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=g).tolist()
+        batch = _to(qa.encode(world.vocab, [train[i] for i in idx]), device)
+        task_loss = model(**batch).loss
+        loss = task_loss + regularization_loss(model)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        after_optimizer_step(model, step)
+        opt.zero_grad(set_to_none=True)
+        losses.append(task_loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+    model.eval()
+    recall_after = recall(model, world, "held_out")
+    tail = losses[-max(1, len(losses) // 10):]
+    return dict(
+        method=method.name, family=method.family, lr=lr, seed=seed, lalora_lambda=method.lalora_lambda,
+        val_accuracy=qa.exact_match(model, world.vocab, setup.task["val"]).float().mean().item(),
+        target_accuracy=qa.exact_match(model, world.vocab, setup.task["test"]).float().mean().item(),
+        recall_before=setup.recall_before, recall_init=recall_init, recall_after=recall_after,
+        retention=recall_after / setup.recall_before,
+        recall_train_phrasing=recall(model, world, "train"),
+        leak_init=leak_init, leak_final=mean_leak(model, leak_batch),
+        final_task_loss=sum(tail) / len(tail), trainable=sum(p.numel() for p in params),
+        seconds=time.perf_counter() - start)
+
+
+def _select(rows: list[dict]) -> dict:
+    """The selection seed's best row: highest validation accuracy, then highest retention."""
+    return max(rows, key=lambda r: (r["val_accuracy"], r["retention"]))
+
+
+# Runs are independent, and on a CPU a small model trains faster as several one-thread processes than as one
+# multi-threaded process (2 cores: 1.6× the throughput, measured), so run() spreads them over worker processes.
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: BenchmarkConfig, device: str, backend_name: str, threads: int) -> None:
+    os.environ["LORANULL_BACKEND"] = backend_name  # the parent's choice, including a backend.use() override
+    torch.set_num_threads(threads)
+    _WORKER["setup"] = prepare(cfg, device, progress=False)  # loads the model the parent cached
+    _WORKER["methods"] = {m.name: m for m in methods(cfg)}
+
+
+def _work(job: tuple[str, float, int]) -> dict:
+    name, lr, seed = job
+    return fine_tune(_WORKER["setup"], _WORKER["methods"][name], lr, seed)
+
+
+def default_workers(device: torch.device) -> int:
+    """One process on a GPU; on a CPU one single-threaded process per available core."""
+    if device.type != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers: int | None = None) -> dict:
+    """Run the whole protocol. Returns ``{"runs": [...every run...], "setup": Setup, "seconds": ..., "workers"}``;
+    each run row carries ``selected`` (whether it is at its method's selected learning rate).
+
+    ``workers``: processes running fine-tuning runs at once (default :func:`default_workers`); 1 runs them in this
+    process, under this process's backend and thread settings."""
+    start = time.perf_counter()
+    setup = prepare(cfg, device, progress)  # pre-trains and caches the model on first use, before any worker starts
+    workers = default_workers(setup.device) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    todo = methods(cfg)
+    by_name = {m.name: m for m in todo}
+    first, rest = cfg.seeds[0], cfg.seeds[1:]
+    swept = [m for m in todo if m.family != "lalora"]
+    lalora = [m for m in todo if m.family == "lalora"]
+    total = sum(len(m.lrs) + len(rest) for m in swept) + len(lalora) * len(cfg.seeds)
+    bar = tqdm(total=total, desc=f"forgetting benchmark ({workers} worker{'s' * (workers > 1)})", unit="run",
+               disable=not progress)
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(cfg, str(setup.device), backend.requested(), 1))
+
+    def batch(jobs: list[tuple[str, float, int]]) -> list[dict]:
+        if pool is None:
+            out = []
+            for job in jobs:
+                bar.set_postfix_str(f"{job[0]} lr={job[1]:g} seed={job[2]}")
+                out.append(fine_tune(setup, by_name[job[0]], job[1], job[2]))
+                bar.update()
+            return out
+        futures = [pool.submit(_work, job) for job in jobs]
+        for _ in as_completed(futures):
+            bar.update()
+        return [f.result() for f in futures]
+
+    rows: list[dict] = []
+    try:
+        sweep = batch([(m.name, lr, first) for m in swept for lr in m.lrs])  # phase 1: learning rates, first seed
+        rows += sweep
+        chosen: dict[str, float] = {}
+        for m in swept:
+            best = _select([r for r in sweep if r["method"] == m.name])
+            chosen[m.name] = best["lr"]
+            for r in sweep:
+                if r["method"] == m.name:
+                    r["selected"] = r is best
+        lalora_lr = chosen.get("lora", cfg.adapter_lrs[len(cfg.adapter_lrs) // 2])
+        jobs = [(m.name, chosen[m.name], seed) for m in swept for seed in rest]  # phase 2: the other seeds
+        jobs += [(m.name, lalora_lr, seed) for m in lalora for seed in cfg.seeds]
+        for r in batch(jobs):
+            r["selected"] = True
+            rows.append(r)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return {"runs": rows, "setup": setup, "seconds": time.perf_counter() - start, "workers": workers}

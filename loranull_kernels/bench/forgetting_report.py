@@ -1,0 +1,155 @@
+"""Report the forgetting benchmark (:mod:`.forgetting`): summary table, CSVs, the trade-off plot, and the CLI.
+
+    loranull-forgetting [--quick] [--out-dir DIR] [--methods lora "lora_null v2" ...] [--seeds 0 1 2]
+
+writes ``forgetting_runs_<device>.csv`` (every run, learning-rate sweeps included), ``forgetting_<device>.csv`` (one
+row per method at its selected learning rate: mean and standard deviation over seeds) and
+``forgetting_<device>.png`` (retention against target accuracy) under ``benchmarks/results/`` (``--quick``: names
+with ``_quick``), and prints the table as Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+from . import harness
+from .forgetting import FULL, QUICK, BenchmarkConfig, run
+
+_MEANS = ("target_accuracy", "retention", "recall_after", "recall_init", "leak_init", "leak_final", "final_task_loss",
+          "seconds")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], record: dict | None = None) -> list[dict]:
+    """One row per method over its selected runs (every seed at the chosen learning rate): ``<metric>_mean`` and
+    ``<metric>_std`` for target accuracy, retention, ..., plus the pre-trained model's numbers from ``record``."""
+    out = []
+    for name in dict.fromkeys(r["method"] for r in runs):
+        sel = [r for r in runs if r["method"] == name and r.get("selected")]
+        if not sel:
+            continue
+        row = dict(method=name, family=sel[0]["family"], lr=sel[0]["lr"], lalora_lambda=sel[0]["lalora_lambda"],
+                   seeds=len(sel), trainable=sel[0]["trainable"], recall_before=sel[0]["recall_before"])
+        for key in _MEANS:
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in sel])
+        if record:
+            row.update(model_parameters=record["parameters"], facts=record["facts"])
+        out.append(row)
+    return out
+
+
+def _pct(mean: float, std: float) -> str:
+    return "–" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """The README table: target accuracy, retention, fact recall after, leak at init / after, learning rate."""
+    lines = ["| method | lr | target accuracy % | retention % | facts recalled after % | leak init → after | trainable |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        leak = ("–" if math.isnan(r["leak_init_mean"])
+                else f"{r['leak_init_mean']:.3f} → {r['leak_final_mean']:.3f}")
+        lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(r['target_accuracy_mean'], r['target_accuracy_std'])} | "
+                     f"{_pct(r['retention_mean'], r['retention_std'])} | "
+                     f"{_pct(r['recall_after_mean'], r['recall_after_std'])} | {leak} | {r['trainable']:,} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
+    """Retention against target accuracy: one point per method (error bars: ± std over seeds), LaLoRA's λ sweep as
+    a curve starting at LoRA (λ = 0), and each method's other learning rates (first seed) as faint points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = plt.get_cmap("tab10")
+    families = list(dict.fromkeys(r["family"] for r in summary))
+    color = {f: colors(i % 10) for i, f in enumerate(families)}
+    for r in runs:
+        if not r.get("selected"):
+            ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.3, color=color[r["family"]])
+    markers = {"lora_null v1": "s", "lora_null v2": "D", "full fine-tuning": "*"}
+    for r in summary:
+        if r["family"] == "lalora":
+            continue
+        ax.errorbar(100 * r["target_accuracy_mean"], 100 * r["retention_mean"], xerr=100 * r["target_accuracy_std"],
+                    yerr=100 * r["retention_std"], fmt=markers.get(r["method"], "o"), ms=8, capsize=3,
+                    color=color[r["family"]], label=f"{r['method']} (lr {r['lr']:g})")
+    lalora = sorted((r for r in summary if r["family"] == "lalora"), key=lambda r: r["lalora_lambda"])
+    lora = [r for r in summary if r["method"] == "lora"]
+    if lalora:
+        curve = lora + lalora
+        ax.errorbar([100 * r["target_accuracy_mean"] for r in curve], [100 * r["retention_mean"] for r in curve],
+                    xerr=[100 * r["target_accuracy_std"] for r in curve], yerr=[100 * r["retention_std"] for r in curve],
+                    fmt="-^", ms=6, capsize=2, color=color["lalora"], label="lalora λ sweep (from lora, λ = 0)")
+        for r in lalora:
+            ax.annotate(f"λ={r['lalora_lambda']:g}", (100 * r["target_accuracy_mean"], 100 * r["retention_mean"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=color["lalora"])
+    ax.set_xlabel("target task accuracy, % (learning) →")
+    ax.set_ylabel("fact recall retained, % of pre-trained (forgetting ↓)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return harness.save_figure(fig, path)
+
+
+def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
+    """Write the two CSVs and the plot for a :func:`~.forgetting.run` result; returns their paths."""
+    setup = result["setup"]
+    summary = summarize(result["runs"], setup.record)
+    name = "forgetting_quick" if quick else "forgetting"
+
+    def where(stem: str, ext: str) -> Path:
+        default = harness.results_path(stem, ext, setup.device)
+        return Path(out_dir) / default.name if out_dir is not None else default
+
+    paths = {"runs": harness.write_csv(result["runs"], where(f"{name}_runs", "csv"), setup.device),
+             "summary": harness.write_csv(summary, where(name, "csv"), setup.device)}
+    rec = setup.record
+    title = (f"{harness.device_name(setup.device)}: Llama {rec['parameters'] / 1e6:.2f} M parameters, {rec['facts']} facts "
+             f"(held-out recall {100 * setup.recall_before:.1f}%), r = {setup.config.r}, {setup.config.steps} steps, "
+             f"{len(setup.config.seeds)} seeds")
+    paths["plot"] = plot(summary, result["runs"], where(name, "png"), title)
+    return paths
+
+
+def main(argv=None) -> dict:
+    """Command line: run the benchmark, write its files, print the table."""
+    parser = argparse.ArgumentParser(prog="loranull-forgetting", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small CI configuration (a couple of minutes)")
+    parser.add_argument("--out-dir", default=None, help="directory for the CSVs and the plot")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods ('lalora': its sweep)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="fine-tuning processes at once (default: one per CPU core, 1 on a GPU)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg: BenchmarkConfig = QUICK if args.quick else FULL
+    if args.methods is not None:
+        cfg = BenchmarkConfig(**{**cfg.__dict__, "methods": tuple(args.methods)})
+    if args.seeds is not None:
+        cfg = BenchmarkConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
+    result = run(cfg, device=args.device, progress=not args.no_progress, workers=args.workers)
+    paths = write(result, args.out_dir, quick=args.quick)
+    rec = result["setup"].record
+    origin = "cached" if rec["cached"] else f"trained in {rec['seconds']:.0f} s"
+    print(f"\npre-trained model: {rec['parameters']:,} parameters, {rec['facts']} facts, held-out recall "
+          f"{100 * result['setup'].recall_before:.1f}% ({origin})")
+    print(markdown_table(summarize(result["runs"], rec)))
+    print(f"\n{len(result['runs'])} runs in {result['seconds']:.0f} s ({result['workers']} workers); wrote " + ", ".join(str(p) for p in paths.values()))
+    return {"result": result, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

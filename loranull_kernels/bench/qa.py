@@ -1,0 +1,60 @@
+"""Question-answer examples as causal-LM batches, and exact-match scoring, for the forgetting benchmark.
+
+An example is ``(prompt, answer)`` in the word-level language of :mod:`loranull_kernels.bench.world`. The model reads
+``prompt answer <eos>``; training puts the loss on the answer and ``<eos>`` only, and an answer counts as recalled
+when the model's greedy continuation of the prompt is exactly ``answer <eos>``. Teacher-forced argmax at every
+answer position equals greedy decoding as long as every earlier token was right, so one forward pass scores it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .world import Vocab
+
+IGNORE = -100  # transformers' label for "no loss here"
+
+
+def encode(vocab: Vocab, examples: list[tuple[str, str]], with_answer: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids`` and ``attention_mask`` (n, T) int64, and ``labels`` (n, T) with the loss on
+    the answer and ``<eos>`` (``IGNORE`` elsewhere). ``with_answer=False``: prompts only (no labels), e.g. to
+    calibrate on questions."""
+    rows, labels = [], []
+    for prompt, answer in examples:
+        p = vocab.encode(prompt)
+        a = vocab.encode(answer) + [vocab.eos_id] if with_answer else []
+        rows.append(p + a)
+        labels.append([IGNORE] * len(p) + a)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), vocab.pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if with_answer:
+        batch["labels"] = lab
+    return batch
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, vocab: Vocab, examples: list[tuple[str, str]], batch_size: int = 512) -> torch.Tensor:
+    """Per example, whether greedy decoding after the prompt gives exactly ``answer <eos>``: a bool tensor (n,).
+    The model is put in eval mode for the call and its mode restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in encode(vocab, examples[i : i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predicted = logits[:, :-1].argmax(-1)
+            target = batch["labels"][:, 1:]
+            scored = target != IGNORE
+            hits.append(((predicted == target) | ~scored).all(-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(hits)
