@@ -63,13 +63,13 @@ class BenchmarkConfig:
 
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     r: int = 8
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 32
     digits: tuple[int, int] = (2, 1)
     seeds: tuple[int, ...] = (0, 1, 2)
-    adapter_lrs: tuple[float, ...] = (1e-3, 3e-3, 6e-3)
+    adapter_lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     full_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
-    lalora_lambdas: tuple[float, ...] = (1e3, 1e4, 1e5)
+    lalora_lambdas: tuple[float, ...] = (3e3, 1e4, 3e4)
     lalora_prior_precision: float = 1e-6
     rose_keep: float = 0.3
     calibration_questions: int = 512
