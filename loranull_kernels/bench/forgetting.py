@@ -236,6 +236,7 @@ def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
     tail = losses[-max(1, len(losses) // 10):]
     return dict(
         method=method.name, family=method.family, lr=lr, seed=seed, lalora_lambda=method.lalora_lambda,
+        r=cfg.r, steps=cfg.steps, batch_size=cfg.batch_size,
         val_accuracy=qa.exact_match(model, world.vocab, setup.task["val"]).float().mean().item(),
         target_accuracy=qa.exact_match(model, world.vocab, setup.task["test"]).float().mean().item(),
         recall_before=setup.recall_before, recall_init=recall_init, recall_after=recall_after,

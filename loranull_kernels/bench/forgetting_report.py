@@ -65,7 +65,8 @@ def markdown_table(summary: list[dict]) -> str:
 
 def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
     """Retention against target accuracy: one point per method (error bars: ± std over seeds), LaLoRA's λ sweep as
-    a curve starting at LoRA (λ = 0), and each method's other learning rates (first seed) as faint points."""
+    a curve starting at LoRA (λ = 0), and each method's other learning rates (first seed) as faint points of its
+    colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,18 +74,19 @@ def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = plt.get_cmap("tab10")
-    families = list(dict.fromkeys(r["family"] for r in summary))
-    color = {f: colors(i % 10) for i, f in enumerate(families)}
+    names = [r["method"] for r in summary if r["family"] != "lalora"] + ["lalora"]
+    color = {n: colors(i % 10) for i, n in enumerate(names)}
+    color.update({r["method"]: color["lalora"] for r in summary if r["family"] == "lalora"})
     for r in runs:
-        if not r.get("selected"):
-            ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.3, color=color[r["family"]])
+        if not r.get("selected") and r["method"] in color:
+            ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.35, color=color[r["method"]])
     markers = {"lora_null v1": "s", "lora_null v2": "D", "full fine-tuning": "*"}
     for r in summary:
         if r["family"] == "lalora":
             continue
         ax.errorbar(100 * r["target_accuracy_mean"], 100 * r["retention_mean"], xerr=100 * r["target_accuracy_std"],
                     yerr=100 * r["retention_std"], fmt=markers.get(r["method"], "o"), ms=8, capsize=3,
-                    color=color[r["family"]], label=f"{r['method']} (lr {r['lr']:g})")
+                    color=color[r["method"]], label=f"{r['method']} (lr {r['lr']:g})")
     lalora = sorted((r for r in summary if r["family"] == "lalora"), key=lambda r: r["lalora_lambda"])
     lora = [r for r in summary if r["method"] == "lora"]
     if lalora:
@@ -103,6 +105,30 @@ def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
     return harness.save_figure(fig, path)
 
 
+def load_runs(path) -> list[dict]:
+    """The run rows of a ``forgetting*_runs_<device>.csv``, with numbers and booleans parsed back."""
+    import csv
+
+    def value(v: str):
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return float(v) if any(c in v for c in ".en") or v == "nan" else int(v)
+        except ValueError:
+            return None if v == "" else v
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _title(device, parameters, facts, recall_before, r, steps, seeds) -> str:
+    head = f"{device}: Llama" + (f" {parameters / 1e6:.2f} M parameters, {facts} facts" if parameters else "")
+    items = [f"{head} (held-out recall {100 * recall_before:.1f}%)"]
+    if r:
+        items += [f"r = {r}", f"{steps} steps"]
+    return ", ".join(items + [f"{seeds} seeds"])
+
+
 def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
     """Write the two CSVs and the plot for a :func:`~.forgetting.run` result; returns their paths."""
     setup = result["setup"]
@@ -115,10 +141,9 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
 
     paths = {"runs": harness.write_csv(result["runs"], where(f"{name}_runs", "csv"), setup.device),
              "summary": harness.write_csv(summary, where(name, "csv"), setup.device)}
-    rec = setup.record
-    title = (f"{harness.device_name(setup.device)}: Llama {rec['parameters'] / 1e6:.2f} M parameters, {rec['facts']} facts "
-             f"(held-out recall {100 * setup.recall_before:.1f}%), r = {setup.config.r}, {setup.config.steps} steps, "
-             f"{len(setup.config.seeds)} seeds")
+    rec, cfg = setup.record, setup.config
+    title = _title(harness.device_name(setup.device), rec["parameters"], rec["facts"], setup.recall_before, cfg.r,
+                   cfg.steps, len(cfg.seeds))
     paths["plot"] = plot(summary, result["runs"], where(name, "png"), title)
     return paths
 
@@ -134,7 +159,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=None,
                         help="fine-tuning processes at once (default: one per CPU core, 1 on a GPU)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--replot", metavar="RUNS_CSV", default=None,
+                        help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
     args = parser.parse_args(argv)
+    if args.replot:
+        runs = load_runs(args.replot)
+        summary = summarize(runs)
+        sibling = Path(args.replot).with_name(Path(args.replot).name.replace("_runs", ""))
+        model = load_runs(sibling)[0] if sibling.exists() else {}
+        path = sibling.with_suffix(".png")
+        plot(summary, runs, path, _title(runs[0]["device"], model.get("model_parameters"), model.get("facts"),
+                                         runs[0]["recall_before"], runs[0].get("r"), runs[0].get("steps"),
+                                         max(r["seeds"] for r in summary)))
+        print(markdown_table(summary))
+        return {"runs": runs, "paths": {"plot": path}}
     cfg: BenchmarkConfig = QUICK if args.quick else FULL
     if args.methods is not None:
         cfg = BenchmarkConfig(**{**cfg.__dict__, "methods": tuple(args.methods)})
