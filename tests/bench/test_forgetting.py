@@ -106,6 +106,10 @@ def test_pretraining_is_cached_and_reloaded_bit_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
     assert recall(again, world2) == record["recall_held_out"]
+    # Deterministic from the seed: training again elsewhere gives the same weights.
+    fresh, _, _ = load_or_pretrain(cfg, progress=False, directory=tmp_path / "elsewhere")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
     with pytest.raises(RuntimeError, match="min_recall"):
         load_or_pretrain(PretrainConfig(**{**cfg.__dict__, "min_recall": 1.01}), progress=False, directory=tmp_path)
 
