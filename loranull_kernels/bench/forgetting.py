@@ -15,7 +15,8 @@ Protocol (the same for every method): rank ``r`` on every linear layer of the bl
 ``lrs`` by validation target accuracy on the first seed (ties: the better retention), then every seed runs at
 that rate and the reported numbers are test accuracy and retention, mean ± standard deviation over the seeds.
 LaLoRA is LoRA plus a penalty, so its λ sweep runs at LoRA's selected rate and traces a curve from LoRA's point
-(λ = 0) towards no learning. LoRA-Null calibrates on fact *questions* in the training phrasings (the paper
+(λ = 0) towards no learning; so does its control, an isotropic pull to the start ("l2-to-init"), which shows what
+LaLoRA's learnt curvature adds. LoRA-Null calibrates on fact *questions* in the training phrasings (the paper
 calibrates on NQ-open questions); LaLoRA estimates its curvature on pre-training sentences.
 
 Everything goes through the public API (``lk.inject``, ``lk.calibrate`` via ``inject``, ``lk.estimate_curvature``,
@@ -71,6 +72,7 @@ class BenchmarkConfig:
     full_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     lalora_lambdas: tuple[float, ...] = (3e3, 1e4, 3e4)
     lalora_prior_precision: float = 1e-6
+    l2_controls: tuple[float, ...] = (1e-2,)
     rose_keep: float = 0.3
     calibration_questions: int = 512
     curvature_batches: int = 8
@@ -90,6 +92,9 @@ QUICK = BenchmarkConfig(
                             hidden_size=96, intermediate_size=192, num_layers=2, steps=1200, batch_size=32, lr=3e-3),
     r=4, steps=60, batch_size=16, seeds=(0, 1), adapter_lrs=(3e-3, 1e-2), full_lrs=(1e-3,), lalora_lambdas=(1e4,),
     calibration_questions=64, curvature_batches=2, leak_questions=64)
+
+
+_AT_LORA_RATE = ("lalora", "l2")  # LoRA plus a penalty: run at LoRA's selected learning rate, no sweep of their own
 
 
 def methods(cfg: BenchmarkConfig) -> list[Method]:
@@ -117,11 +122,21 @@ def methods(cfg: BenchmarkConfig) -> list[Method]:
                    dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
                                        lalora_prior_precision=cfg.lalora_prior_precision), (), lalora_lambda=lam)
             for lam in cfg.lalora_lambdas]
+    # The control for LaLoRA: the same penalty with the curvature made irrelevant (λ = 1 and a prior precision μ
+    # that dwarfs the Fisher, whose largest entry is 8e-6 on the full benchmark), i.e. a plain isotropic pull
+    # (μ/2)‖θ − θ0‖² towards the start.
+    # μ = λ·δ of a LaLoRA point isolates what its learnt curvature adds.
+    out += [Method(f"l2-to-init μ={mu:g}", "l2",
+                   dataclasses.replace(plain, method="lalora", lalora_lambda=1.0, lalora_prior_precision=mu), (),
+                   lalora_lambda=1.0)
+            for mu in cfg.l2_controls]
     if cfg.methods is not None:
-        unknown = set(cfg.methods) - {m.name for m in out} - {"lalora"}
+        families = {m.family for m in out}
+        unknown = set(cfg.methods) - {m.name for m in out} - families
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in out]} or 'lalora'")
-        out = [m for m in out if m.name in cfg.methods or (m.family == "lalora" and "lalora" in cfg.methods)]
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in out]} or a family "
+                             f"{sorted(families)}")
+        out = [m for m in out if m.name in cfg.methods or m.family in cfg.methods]
     return out
 
 
@@ -290,8 +305,8 @@ def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers
     todo = methods(cfg)
     by_name = {m.name: m for m in todo}
     first, rest = cfg.seeds[0], cfg.seeds[1:]
-    swept = [m for m in todo if m.family != "lalora"]
-    lalora = [m for m in todo if m.family == "lalora"]
+    swept = [m for m in todo if m.family not in _AT_LORA_RATE]
+    lalora = [m for m in todo if m.family in _AT_LORA_RATE]
     total = sum(len(m.lrs) + len(rest) for m in swept) + len(lalora) * len(cfg.seeds)
     bar = tqdm(total=total, desc=f"forgetting benchmark ({workers} worker{'s' * (workers > 1)})", unit="run",
                disable=not progress)

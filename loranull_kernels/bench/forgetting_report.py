@@ -81,6 +81,7 @@ def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
         if not r.get("selected") and r["method"] in color:
             ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.35, color=color[r["method"]])
     markers = {"lora_null v1": "s", "lora_null v2": "D", "full fine-tuning": "*"}
+    markers.update({r["method"]: "X" for r in summary if r["family"] == "l2"})
     for r in summary:
         if r["family"] == "lalora":
             continue
@@ -153,7 +154,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="loranull-forgetting", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small CI configuration (a couple of minutes)")
     parser.add_argument("--out-dir", default=None, help="directory for the CSVs and the plot")
-    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the methods ('lalora': its sweep)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="a subset: method names or families ('lalora': its sweep, 'l2': its control)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--workers", type=int, default=None,

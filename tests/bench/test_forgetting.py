@@ -135,7 +135,7 @@ def test_quick_benchmark_pipeline_invariants(cache, tmp_path):
         selected = [r for r in mine if r["selected"]]
         assert sorted(r["seed"] for r in selected) == sorted(cfg.seeds)
         assert len({r["lr"] for r in selected}) == 1  # every seed at the one selected rate
-        if m.family == "lalora":
+        if m.family in ("lalora", "l2"):
             assert selected[0]["lr"] == next(r["lr"] for r in runs if r["method"] == "lora" and r["selected"])
         else:
             assert sorted(r["lr"] for r in mine if r["seed"] == cfg.seeds[0]) == sorted(m.lrs)
