@@ -8,7 +8,8 @@ with full fine-tuning. After fine-tuning we measure
 - **retention**: the share of the facts it still recalls, in phrasings never seen in pre-training, relative to the
   pre-trained model (forgetting);
 - the **leak** of each adapter (LoRA-Null's measure): the share of held-out knowledge activations' energy inside
-  the row space of A, averaged over the adapted layers, at init and after fine-tuning.
+  the row space of A, averaged over the adapted layers, at init and after fine-tuning; and the same share of the
+  new task's activations at init (what the adapter can see of the task it must learn).
 
 Protocol (the same for every method): rank ``r`` on every linear layer of the blocks, ``steps`` AdamW steps of
 ``batch_size`` problems, a one-cycle learning-rate schedule; the learning rate is picked per method from
@@ -154,6 +155,7 @@ class Setup:
     source: list[dict]
     held_out: list[tuple[str, str]]
     leak_batch: dict
+    task_leak_batch: dict
     recall_before: float
     device: torch.device
 
@@ -180,7 +182,8 @@ def prepare(cfg: BenchmarkConfig, device=None, progress: bool = True) -> Setup:
         source.append({**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, qa.IGNORE)})
     leak_batch = qa.encode(world.vocab, pick(held_out, cfg.leak_questions), with_answer=False)
     task = arithmetic.splits(cfg.digits, seed=cfg.pretrain.seed)
-    return Setup(cfg, base, world, record, task, calibration, source, held_out, leak_batch,
+    task_leak_batch = qa.encode(world.vocab, task["test"][: cfg.leak_questions], with_answer=False)
+    return Setup(cfg, base, world, record, task, calibration, source, held_out, leak_batch, task_leak_batch,
                  recall(base, world, "held_out"), device)
 
 
@@ -225,6 +228,7 @@ def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
             estimate_curvature(model, [_to(b, device) for b in setup.source])
     leak_batch = _to(setup.leak_batch, device)
     leak_init = mean_leak(model, leak_batch)
+    task_leak_init = mean_leak(model, _to(setup.task_leak_batch, device))  # how much of the new task A can see
     recall_init = recall(model, world, "held_out")  # KaSA's truncation changes the model before any step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -257,7 +261,7 @@ def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
         recall_before=setup.recall_before, recall_init=recall_init, recall_after=recall_after,
         retention=recall_after / setup.recall_before,
         recall_train_phrasing=recall(model, world, "train"),
-        leak_init=leak_init, leak_final=mean_leak(model, leak_batch),
+        leak_init=leak_init, leak_final=mean_leak(model, leak_batch), task_leak_init=task_leak_init,
         final_task_loss=sum(tail) / len(tail), trainable=sum(p.numel() for p in params),
         seconds=time.perf_counter() - start)
 

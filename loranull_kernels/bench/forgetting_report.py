@@ -17,8 +17,8 @@ from pathlib import Path
 from . import harness
 from .forgetting import FULL, QUICK, BenchmarkConfig, run
 
-_MEANS = ("target_accuracy", "retention", "recall_after", "recall_init", "leak_init", "leak_final", "final_task_loss",
-          "seconds")
+_MEANS = ("target_accuracy", "retention", "recall_after", "recall_init", "leak_init", "leak_final", "task_leak_init",
+          "final_task_loss", "seconds")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -39,7 +39,7 @@ def summarize(runs: list[dict], record: dict | None = None) -> list[dict]:
         row = dict(method=name, family=sel[0]["family"], lr=sel[0]["lr"], lalora_lambda=sel[0]["lalora_lambda"],
                    seeds=len(sel), trainable=sel[0]["trainable"], recall_before=sel[0]["recall_before"])
         for key in _MEANS:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in sel])
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in sel])
         if record:
             row.update(model_parameters=record["parameters"], facts=record["facts"])
         out.append(row)
@@ -51,15 +51,19 @@ def _pct(mean: float, std: float) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The README table: target accuracy, retention, fact recall after, leak at init / after, learning rate."""
-    lines = ["| method | lr | target accuracy % | retention % | facts recalled after % | leak init → after | trainable |",
-             "|---|---|---|---|---|---|---|"]
+    """The README table: target accuracy, retention, fact recall after, knowledge leak at init / after, task leak at
+    init, learning rate, trainable parameters."""
+    lines = ["| method | lr | target accuracy % | retention % | facts recalled after % | knowledge leak init → after "
+             "| task leak init | trainable |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary:
         leak = ("–" if math.isnan(r["leak_init_mean"])
                 else f"{r['leak_init_mean']:.3f} → {r['leak_final_mean']:.3f}")
+        task_leak = r.get("task_leak_init_mean", math.nan)
+        task_leak = "–" if task_leak is None or math.isnan(task_leak) else f"{task_leak:.3f}"
         lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(r['target_accuracy_mean'], r['target_accuracy_std'])} | "
                      f"{_pct(r['retention_mean'], r['retention_std'])} | "
-                     f"{_pct(r['recall_after_mean'], r['recall_after_std'])} | {leak} | {r['trainable']:,} |")
+                     f"{_pct(r['recall_after_mean'], r['recall_after_std'])} | {leak} | {task_leak} | {r['trainable']:,} |")
     return "\n".join(lines)
 
 

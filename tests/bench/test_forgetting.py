@@ -150,7 +150,7 @@ def test_quick_benchmark_pipeline_invariants(cache, tmp_path):
             if m.config is None:
                 assert math.isnan(r["leak_init"]) and r["trainable"] == sum(p.numel() for p in setup.base.parameters())
             else:
-                assert 0.0 <= r["leak_init"] <= 1.0
+                assert 0.0 <= r["leak_init"] <= 1.0 and 0.0 <= r["task_leak_init"] <= 1.0
 
     def first(name):
         return next(r for r in runs if r["method"] == name)
