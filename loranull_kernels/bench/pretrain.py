@@ -3,8 +3,8 @@
 :func:`load_or_pretrain` returns a ``transformers.LlamaForCausalLM`` that knows the world's facts: trained from a
 seed on every statement and training-phrasing question, then checked on the held-out phrasings. The weights and
 a JSON record (configuration, recall, training time, versions) are cached under ``$LORANULL_CACHE`` (default
-``~/.cache/loranull_kernels``), keyed by a hash of the configuration, so the forgetting benchmark trains it once
-and later runs load it in a second.
+``~/.cache/loranull_kernels``), keyed by a hash of the configuration and of the generated corpus, so the forgetting
+benchmark trains it once and later runs load it in a second.
 
 Why a full language-model loss on facts stated several ways: a model trained only on one question phrasing
 memorises that sentence; one trained on statements *and* questions stores the fact and answers phrasings it never
@@ -31,7 +31,7 @@ _FORMAT = 1  # bump when the training recipe changes, so stale caches are not re
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """The model and its pre-training. Defaults: the full benchmark (≈ 0.73 M parameters, ≈ 2 min on 2 CPU cores).
+    """The model and its pre-training. Defaults: the full benchmark (0.73 M parameters, 2.7 min on 2 CPU cores).
 
     ``min_recall``: :func:`load_or_pretrain` refuses a model whose held-out-phrasing recall is below it.
     """

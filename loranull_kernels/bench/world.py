@@ -8,10 +8,11 @@ knowledge and no download. This module generates it, deterministically from a se
   millions, one token per digit); a region relation is available too;
 - pre-training sentences: for every fact, statements ("the capital of Veloria is Ostrun .") and questions in the
   *training* phrasings ("Q : what is the capital of Veloria ? A : Ostrun");
-- recall questions in **held-out phrasings** that never appear in pre-training ("Q : which city is the capital of
-  Veloria ? A :"): a model that answers them has stored the fact, not a sentence;
-- the new task's words (``plus``; the digits are already known from the populations), so the fine-tuning task (:mod:`loranull_kernels.bench.arithmetic`) shares
-  the vocabulary and the ``Q : ... A :`` format, and competes with the facts for the same answer slot.
+- recall questions in **held-out phrasings** that never appear in pre-training ("Q : which capital does Veloria
+  have ? A :"): a model that answers them has stored the fact, not a sentence;
+- the new task's words (``plus``; the digits are already known from the populations), so the fine-tuning task
+  (:mod:`loranull_kernels.bench.arithmetic`) shares the vocabulary and the ``Q : ... A :`` format, and competes with
+  the facts for the same answer slot.
 
 Every word is one token (a closed vocabulary): a name is one token, a population two (its digits). Numbers are
 part of the world on purpose: with tied embeddings, tokens a model never sees in pre-training are all pushed along
