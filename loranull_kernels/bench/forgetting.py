@@ -56,7 +56,13 @@ class Method:
     family: str
     config: AdapterConfig | None
     lrs: tuple[float, ...]
-    lalora_lambda: float | None = None
+
+    @property
+    def lalora_lambda(self) -> float | None:
+        """λ of the Laplace penalty, for the methods that carry one."""
+        if self.config is None or self.config.effective_regularizer != "lalora":
+            return None
+        return self.config.lalora_lambda
 
 
 @dataclass(frozen=True)
@@ -121,15 +127,14 @@ def methods(cfg: BenchmarkConfig) -> list[Method]:
     # LaLoRA = LoRA + the Laplace penalty: its λ sweep runs at LoRA's selected rate (filled in by run()).
     out += [Method(f"lalora λ={lam:g}", "lalora",
                    dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
-                                       lalora_prior_precision=cfg.lalora_prior_precision), (), lalora_lambda=lam)
+                                       lalora_prior_precision=cfg.lalora_prior_precision), ())
             for lam in cfg.lalora_lambdas]
     # The control for LaLoRA: the same penalty with the curvature made irrelevant (λ = 1 and a prior precision μ
     # that dwarfs the Fisher, whose largest entry is 8e-6 on the full benchmark), i.e. a plain isotropic pull
     # (μ/2)‖θ − θ0‖² towards the start.
     # μ = λ·δ of a LaLoRA point isolates what its learnt curvature adds.
     out += [Method(f"l2-to-init μ={mu:g}", "l2",
-                   dataclasses.replace(plain, method="lalora", lalora_lambda=1.0, lalora_prior_precision=mu), (),
-                   lalora_lambda=1.0)
+                   dataclasses.replace(plain, method="lalora", lalora_lambda=1.0, lalora_prior_precision=mu), ())
             for mu in cfg.l2_controls]
     if cfg.methods is not None:
         families = {m.family for m in out}
@@ -151,6 +156,7 @@ class Setup:
     world: World
     record: dict
     task: dict[str, list[tuple[str, str]]]
+    train_batch: dict
     calibration: list[dict]
     source: list[dict]
     held_out: list[tuple[str, str]]
@@ -183,7 +189,8 @@ def prepare(cfg: BenchmarkConfig, device=None, progress: bool = True) -> Setup:
     leak_batch = qa.encode(world.vocab, pick(held_out, cfg.leak_questions), with_answer=False)
     task = arithmetic.splits(cfg.digits, seed=cfg.pretrain.seed)
     task_leak_batch = qa.encode(world.vocab, task["test"][: cfg.leak_questions], with_answer=False)
-    return Setup(cfg, base, world, record, task, calibration, source, held_out, leak_batch, task_leak_batch,
+    return Setup(cfg, base, world, record, task, qa.encode(world.vocab, task["train"]), calibration, source, held_out,
+                 leak_batch, task_leak_batch,
                  recall(base, world, "held_out"), device)
 
 
@@ -234,12 +241,11 @@ def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.steps, pct_start=0.1)
     g = torch.Generator().manual_seed(10_000 + seed)
-    train = setup.task["train"]
     model.train()
     losses = []
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=g).tolist()
-        batch = _to(qa.encode(world.vocab, [train[i] for i in idx]), device)
+        idx = torch.randint(0, len(setup.task["train"]), (cfg.batch_size,), generator=g)
+        batch = _to(qa.rows(setup.train_batch, idx), device)
         task_loss = model(**batch).loss
         loss = task_loss + regularization_loss(model)
         loss.backward()
@@ -310,8 +316,8 @@ def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers
     by_name = {m.name: m for m in todo}
     first, rest = cfg.seeds[0], cfg.seeds[1:]
     swept = [m for m in todo if m.family not in _AT_LORA_RATE]
-    lalora = [m for m in todo if m.family in _AT_LORA_RATE]
-    total = sum(len(m.lrs) + len(rest) for m in swept) + len(lalora) * len(cfg.seeds)
+    at_lora_rate = [m for m in todo if m.family in _AT_LORA_RATE]
+    total = sum(len(m.lrs) + len(rest) for m in swept) + len(at_lora_rate) * len(cfg.seeds)
     bar = tqdm(total=total, desc=f"forgetting benchmark ({workers} worker{'s' * (workers > 1)})", unit="run",
                disable=not progress)
     pool = None
@@ -343,9 +349,9 @@ def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers
             for r in sweep:
                 if r["method"] == m.name:
                     r["selected"] = r is best
-        lalora_lr = chosen.get("lora", cfg.adapter_lrs[len(cfg.adapter_lrs) // 2])
+        lora_lr = chosen.get("lora", cfg.adapter_lrs[len(cfg.adapter_lrs) // 2])
         jobs = [(m.name, chosen[m.name], seed) for m in swept for seed in rest]  # phase 2: the other seeds
-        jobs += [(m.name, lalora_lr, seed) for m in lalora for seed in cfg.seeds]
+        jobs += [(m.name, lora_lr, seed) for m in at_lora_rate for seed in cfg.seeds]
         for r in batch(jobs):
             r["selected"] = True
             rows.append(r)

@@ -10,6 +10,7 @@ with ``_quick``), and prints the table as Markdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -181,9 +182,9 @@ def main(argv=None) -> dict:
         return {"runs": runs, "paths": {"plot": path}}
     cfg: BenchmarkConfig = QUICK if args.quick else FULL
     if args.methods is not None:
-        cfg = BenchmarkConfig(**{**cfg.__dict__, "methods": tuple(args.methods)})
+        cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
     if args.seeds is not None:
-        cfg = BenchmarkConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
+        cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
     result = run(cfg, device=args.device, progress=not args.no_progress, workers=args.workers)
     paths = write(result, args.out_dir, quick=args.quick)
     rec = result["setup"].record

@@ -82,8 +82,7 @@ def pretrain(config: PretrainConfig, progress: bool = True):
     model = build_model(config, world)
     sentences = [(f"{s} {EOS}", "") for s in world.corpus()]
     batch = qa.encode(world.vocab, sentences, with_answer=False)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    labels = ids.masked_fill(mask == 0, qa.IGNORE)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, qa.IGNORE)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
     # One-cycle: short warm-up, cosine decay to ~0, which lets the last steps settle on the facts.
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
@@ -92,8 +91,7 @@ def pretrain(config: PretrainConfig, progress: bool = True):
     model.train()
     for _ in tqdm(range(config.steps), desc="pre-training on the synthetic world", unit="step", disable=not progress):
         idx = torch.randint(0, len(sentences), (config.batch_size,), generator=g)
-        width = int(mask[idx].sum(1).max())
-        loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], labels=labels[idx, :width]).loss
+        loss = model(**qa.rows(batch, idx)).loss
         loss.backward()
         opt.step()
         schedule.step()

@@ -39,6 +39,13 @@ def encode(vocab: Vocab, examples: list[tuple[str, str]], with_answer: bool = Tr
     return batch
 
 
+def rows(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows ``idx`` of an :func:`encode`d batch, trimmed to their longest row: the same tensors as encoding just
+    those examples, without re-encoding them on every training step."""
+    width = int(batch["attention_mask"][idx].sum(1).max())
+    return {k: v[idx, :width] for k, v in batch.items()}
+
+
 @torch.no_grad()
 def exact_match(model: nn.Module, vocab: Vocab, examples: list[tuple[str, str]], batch_size: int = 512) -> torch.Tensor:
     """Per example, whether greedy decoding after the prompt gives exactly ``answer <eos>``: a bool tensor (n,).

@@ -4,6 +4,7 @@ These check the pipeline's invariants, not the ranking of the methods (that is w
 are for).
 """
 import csv
+import dataclasses
 import math
 import os
 
@@ -111,7 +112,7 @@ def test_pretraining_is_cached_and_reloaded_bit_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
     with pytest.raises(RuntimeError, match="min_recall"):
-        load_or_pretrain(PretrainConfig(**{**cfg.__dict__, "min_recall": 1.01}), progress=False, directory=tmp_path)
+        load_or_pretrain(dataclasses.replace(cfg, min_recall=1.01), progress=False, directory=tmp_path)
 
 
 def _read(path):
@@ -173,7 +174,7 @@ def test_quick_benchmark_pipeline_invariants(cache, tmp_path):
 
 def test_worker_processes_give_the_same_protocol(cache, tmp_path):
     """The parallel path (spawned workers, the parent's backend choice passed on) runs the same jobs."""
-    cfg = forgetting.BenchmarkConfig(**{**forgetting.QUICK.__dict__, "methods": ("lora", "lalora")})
+    cfg = dataclasses.replace(forgetting.QUICK, methods=("lora", "lalora"))
     with lk.backend.use("torch"):
         result = forgetting.run(cfg, progress=False, workers=2)
     runs = result["runs"]
