@@ -55,6 +55,11 @@ def _mask_args(mask: Optional[torch.Tensor], fallback: torch.Tensor):
     return m, m.stride(0), m.stride(1)
 
 
+def _stride0(v: Optional[torch.Tensor]) -> int:
+    # Vectors (rank_scale, bias) may be strided views or expanded (stride 0); absent ones are never read.
+    return 0 if v is None else v.stride(0)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -99,7 +104,7 @@ def forward(
         x, weight, h, lora_B, mb, h if rank_scale is None else rank_scale, h if bias is None else bias, y,
         M, N, K, r, scaling,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), lora_B.stride(0), lora_B.stride(1),
-        s_mbn, s_mbr, y.stride(0), y.stride(1),
+        s_mbn, s_mbr, _stride0(rank_scale), _stride0(bias), y.stride(0), y.stride(1),
         HAS_MASK_B=mask_B is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_BIAS=bias is not None,
         R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
     )
@@ -153,7 +158,8 @@ def backward(
     kernels.lora_dy_kernel[(programs,)](
         dy, lora_B, mb, h, d_arg, dg, db_acc, dbias_acc,
         M, N, r, scaling,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s_mbn, s_mbr, h.stride(0), dg.stride(0),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s_mbn, s_mbr, h.stride(0), h.stride(1),
+        _stride0(rank_scale), dg.stride(0),
         N * R_PAD, N,
         HAS_MASK_B=mask_B is not None, HAS_RANK_SCALE=rank_scale is not None, NEED_DB=need_dB,
         NEED_DBIAS=need_dbias, ATOMIC=atomic, R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision,
@@ -172,7 +178,7 @@ def backward(
         kernels.lora_dx_kernel[grid](
             dy, weight, dg, d_arg, lora_A, ma, dx,
             M, N, K, r, seed_v, dropout_p, keep_scale,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dg.stride(0),
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dg.stride(0), _stride0(rank_scale),
             lora_A.stride(0), lora_A.stride(1), s_mar, s_mak, dx.stride(0), dx.stride(1),
             HAS_MASK_A=mask_A is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_DROPOUT=has_dropout,
             R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
@@ -195,7 +201,7 @@ def backward(
         kernels.lora_da_kernel[(k_blocks, split)](
             x, dg, d_arg, ma, da_acc,
             M, K, r, rows_per_split, seed_v, dropout_p, keep_scale,
-            x.stride(0), x.stride(1), dg.stride(0), s_mar, s_mak, r * K,
+            x.stride(0), x.stride(1), dg.stride(0), _stride0(rank_scale), s_mar, s_mak, r * K,
             HAS_MASK_A=mask_A is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_DROPOUT=has_dropout,
             R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
         )

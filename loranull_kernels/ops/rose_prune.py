@@ -38,6 +38,11 @@ def _check(name: str, t: RoseTensors, device: torch.device) -> None:
             raise ValueError(f"{name}.{field} has shape {tuple(x.shape)}, expected the param's {tuple(p.shape)}")
         if x.device != device:
             raise ValueError(f"{name}.{field} is on {x.device}, the count on {device}")
+    for field, x in (("param", p), ("importance", imp), ("mask", m)):
+        if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+            # Updated in place, one entry per element: an expanded (stride 0) view would alias them.
+            raise ValueError(f"{name}.{field} is an expanded view (strides {tuple(x.stride())}); it is updated in "
+                             "place and needs one element per entry")
     if g.dtype != p.dtype:
         raise TypeError(f"{name}.grad has dtype {g.dtype}, expected the param's {p.dtype}")
     if imp.dtype != torch.float32:

@@ -97,6 +97,9 @@ def launch(C: torch.Tensor, x2d: torch.Tensor, mask: torch.Tensor | None, interp
     Inputs are assumed validated (see ``loranull_kernels.ops.covariance``).
     """
     T, K = x2d.shape
+    if K > 1 and 0 in C.stride():
+        # Programs write disjoint tiles of C; an expanded C aliases them (a write race on a GPU).
+        raise ValueError(f"C must not be an expanded view (strides {tuple(C.stride())}): it is updated in place")
     cfg = pick_config(x2d.device, x2d.element_size(), interpreting)
     block = cfg.pop("BLOCK")
     tiles = _upper_tiles(triton.cdiv(K, block), x2d.device)

@@ -69,7 +69,7 @@ def lora_forward_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, mb_ptr, d_ptr, bias_ptr, y_ptr,
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_bn, stride_br, stride_mbn, stride_mbr,
-    stride_ym, stride_yn,
+    stride_d, stride_bias, stride_ym, stride_yn,
     HAS_MASK_B: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -82,7 +82,7 @@ def lora_forward_kernel(
     # Accumulator starts at the low-rank product (s·H⊙d)(B⊙mB)ᵀ: Y is written exactly once.
     ht = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     if HAS_RANK_SCALE:
-        d = tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)
         ht = ht * (d * scaling)[None, :]
     else:
         ht = ht * scaling
@@ -102,7 +102,7 @@ def lora_forward_kernel(
         acc += tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -112,7 +112,7 @@ def lora_forward_kernel(
 def lora_dy_kernel(
     dy_ptr, b_ptr, mb_ptr, h_ptr, d_ptr, dg_ptr, db_ptr, dbias_ptr,
     M, N, R, scaling,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_mbn, stride_mbr, stride_hm, stride_dgm,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_mbn, stride_mbr, stride_hm, stride_hr, stride_d, stride_dgm,
     stride_dbp, stride_dbiasp,
     HAS_MASK_B: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
@@ -126,9 +126,9 @@ def lora_dy_kernel(
     rr = tl.arange(0, R_PAD)
     row_ok = rm < M
     if NEED_DB:
-        hd = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        hd = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         if HAS_RANK_SCALE:
-            hd = hd * (tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32) * scaling)[None, :]
+            hd = hd * (tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32) * scaling)[None, :]
         else:
             hd = hd * scaling
         hd = hd.to(DOT_DTYPE)
@@ -167,7 +167,7 @@ def lora_dy_kernel(
 def lora_dx_kernel(
     dy_ptr, w_ptr, dg_ptr, d_ptr, a_ptr, ma_ptr, dx_ptr,
     M, N, K, R, seed, p, keep_scale,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dgm, stride_ar, stride_ak, stride_mar, stride_mak,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dgm, stride_d, stride_ar, stride_ak, stride_mar, stride_mak,
     stride_dxm, stride_dxk,
     HAS_MASK_A: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -181,7 +181,7 @@ def lora_dx_kernel(
     # Accumulator starts at the adapter's input gradient ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p).
     dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     if HAS_RANK_SCALE:
-        dh = dh * tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        dh = dh * tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)[None, :]
     a_mask = (rr[:, None] < R) & (rk[None, :] < K)
     at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
     if HAS_MASK_A:
@@ -207,7 +207,7 @@ def lora_dx_kernel(
 def lora_da_kernel(
     x_ptr, dg_ptr, d_ptr, ma_ptr, da_ptr,
     M, K, R, rows_per_split, seed, p, keep_scale,
-    stride_xm, stride_xk, stride_dgm, stride_mar, stride_mak, stride_dap,
+    stride_xm, stride_xk, stride_dgm, stride_d, stride_mar, stride_mak, stride_dap,
     HAS_MASK_A: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -219,7 +219,7 @@ def lora_da_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     if HAS_RANK_SCALE:
-        d = tl.load(d_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
