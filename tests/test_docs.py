@@ -1,0 +1,117 @@
+"""The repository documents itself: no pointer to documents outside it, and every pointer into docs/ resolves.
+
+The package once cited design notes that lived outside the repository (a sibling ``shared`` folder); a user of the
+package has none of them. These tests keep it that way and check that every ``docs/<page>.md`` (and
+``docs/<page>.md#<section>``) named in the code, the tests, the benchmarks or the README exists, as do the relative
+links between the docs pages.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# Where references may appear (docs/ itself is checked separately, by its links).
+SCANNED = ("loranull_kernels", "tests", "benchmarks", "csrc", "README.md", "setup.py", "pyproject.toml")
+TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".toml", ".cfg", ".ini", ".sh", ".cu", ".cpp", ".h"}
+
+# Spelled in pieces so that this file does not match its own patterns.
+_OUTSIDE = re.compile("|".join(re.escape(s) for s in (
+    "../" + "shared", "DESIGN" + ".md", "METHODS" + ".md", "PERFORMANCE" + ".md")))
+_DOCS_REF = re.compile(r"docs/([A-Za-z0-9_.-]+\.md)(?:#([A-Za-z0-9_-]+))?")
+_MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _files() -> list[Path]:
+    out = []
+    for entry in SCANNED:
+        path = ROOT / entry
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            out.extend(p for p in sorted(path.rglob("*"))
+                       if p.is_file() and p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts)
+    return out
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped (not ``-`` / ``_``), spaces → ``-``."""
+    text = heading.strip().lower()
+    kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return kept.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    anchors, in_code = set(), False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            anchors.add(_slug(line.lstrip("#")))
+    return anchors
+
+
+def _outside_references(text: str) -> list[str]:
+    return [m.group(0) for m in _OUTSIDE.finditer(text)]
+
+
+def _docs_references(text: str) -> list[tuple[str, str | None]]:
+    return [(m.group(1), m.group(2)) for m in _DOCS_REF.finditer(text)]
+
+
+def test_patterns_catch_what_they_should():
+    # The scanners themselves: a planted outside pointer is found, names that merely contain the words are not.
+    planted = "see ../" + "shared/" + "PERFORMANCE" + ".md and " + "DESIGN" + ".md"
+    assert len(_outside_references(planted)) == 3
+    assert _outside_references("METHODS_NO_CALIB = []; METHODS[variant]; docs/methods.md") == []
+    assert _docs_references("(docs/methods.md#kasa), docs/design.md.") == [("methods.md", "kasa"), ("design.md", None)]
+    assert _slug(" The torch backend of lora_linear") == "the-torch-backend-of-lora_linear"
+    assert _slug("Dropout and the seed contract") == "dropout-and-the-seed-contract"
+
+
+def test_docs_pages_exist():
+    for page in ("README.md", "design.md", "methods.md", "performance.md"):
+        assert (DOCS / page).is_file(), f"docs/{page} is missing"
+
+
+def test_no_reference_to_documents_outside_the_repository():
+    files = _files()
+    assert any(p.suffix == ".py" for p in files), "found no source file to scan"
+    offenders = [f"{p.relative_to(ROOT)}:{n}: {ref}"
+                 for p in files
+                 for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+                 for ref in _outside_references(line)]
+    assert not offenders, "references to documents outside the repository (point to docs/ instead):\n" + \
+        "\n".join(offenders)
+
+
+def test_docs_references_resolve():
+    anchors = {p.name: _anchors(p) for p in DOCS.glob("*.md")}
+    broken = []
+    for p in _files():
+        for page, anchor in _docs_references(p.read_text(encoding="utf-8", errors="replace")):
+            if page not in anchors:
+                broken.append(f"{p.relative_to(ROOT)}: docs/{page} does not exist")
+            elif anchor is not None and anchor not in anchors[page]:
+                broken.append(f"{p.relative_to(ROOT)}: docs/{page} has no section #{anchor}")
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_links_between_docs_pages_resolve(page):
+    source = DOCS / page
+    broken = []
+    for target in _MD_LINK.findall(source.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (source.parent / path).resolve() if path else source
+        if not resolved.exists():
+            broken.append(f"{target}: {resolved} does not exist")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(f"{target}: no section #{anchor} in {resolved.name}")
+    assert not broken, f"docs/{page}: " + "; ".join(broken)
