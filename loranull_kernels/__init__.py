@@ -1,6 +1,6 @@
 """loranull_kernels: fused kernels for knowledge-preserving LoRA-family adapters.
 
-Public API (see README.md and DESIGN): ``lora_linear`` and the backend selection in ``backend``.
+Public API (see README.md and docs/design.md#public-api): ``lora_linear`` and the backend selection in ``backend``.
 """
 from . import backend
 from .config import AdapterConfig

@@ -1,6 +1,6 @@
 """``AdapterConfig``: everything that defines an adapter, serialisable to JSON next to its weights.
 
-A method is four orthogonal pieces (METHODS.md): an initialiser, a trainable set, an optional regulariser and an
+A method is four orthogonal pieces (docs/methods.md): an initialiser, a trainable set, an optional regulariser and an
 optional sparsity schedule. ``method`` names the initialiser (and the pieces that come with it by default);
 ``freeze_A`` chooses the trainable set for any initialiser (LoRA-Null v2 is ``method="lora_null", freeze_A=True``);
 ``regularizer`` and ``sparsity`` choose the other two pieces. Their default ``"auto"`` takes the method's own:

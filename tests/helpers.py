@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-# Relative-to-scale tolerances (DESIGN.md): fp32 ~1e-5, half precision ~1e-2.
+# Relative-to-scale tolerances (docs/design.md#tests): fp32 ~1e-5, half precision ~1e-2.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 

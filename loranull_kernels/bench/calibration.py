@@ -3,7 +3,7 @@
 1. ``covariance``: ``covariance_update`` (Triton on CUDA, the PyTorch fallback everywhere) vs the usual
    ``X.float().T @ X.float()`` and vs an ``addmm_`` in the input dtype (bf16 accumulation into a bf16 C). On CUDA
    also the bf16 ``torch.matmul`` rate of the same shape, and the Triton kernel's fraction of it counting only the
-   triangle's FLOPs (``T·K·(K+1)``), the target of ../shared/PERFORMANCE.md. Each provider's error vs float64.
+   triangle's FLOPs (``T·K·(K+1)``), the target of docs/performance.md#calibration. Each provider's error vs float64.
 2. ``rsvd``: ``lk.rsvd`` vs ``torch.linalg.svd`` (exact) and ``torch.svd_lowrank`` (same sketch size and power
    iterations) on square matrices with a known ``σ_i = 1/i`` spectrum: time and tail-energy error ratio
    ``‖M − U S Vh‖²_F / Σ_{i>k} σ_i²`` (1 is optimal).

@@ -1,4 +1,4 @@
-"""What a method is made of (METHODS.md): an initialiser, a trainable set, an optional regulariser, an optional
+"""What a method is made of (docs/methods.md): an initialiser, a trainable set, an optional regulariser, an optional
 sparsity schedule. This module defines the initialiser's contract; the trainable set is ``AdapterConfig.freeze_A``
 (plus ``rank_scale`` when an initialiser returns one); regularisers (``penalty(layer, config, name)``) and sparsity
 schedules (``after_step(layer, step, config, name)``) are functions of their method's module, chosen per layer by

@@ -1,4 +1,4 @@
-"""KaSA (Knowledge-aware Singular-value Adaptation): its initialiser and its regulariser (METHODS.md).
+"""KaSA (Knowledge-aware Singular-value Adaptation): its initialiser and its regulariser (docs/methods.md#kasa).
 
 Initialiser: ``W = U S Vᵀ`` (float32/64); the base keeps the top ``keep`` components and drops the rest; the adapter
 starts as LoRA (A kaiming, B = 0) with a trainable per-rank scale ``d ~ N(0, 1)`` (``rank_scale``, carried by the

@@ -1,4 +1,4 @@
-"""LaLoRA: a Laplace (curvature-weighted) pull of the adapter back to where fine-tuning started (METHODS.md). The
+"""LaLoRA: a Laplace (curvature-weighted) pull of the adapter back to where fine-tuning started (docs/methods.md). The
 method is LoRA's initialiser plus this regulariser; the regulariser composes with any initialiser
 (``regularizer="lalora"``).
 

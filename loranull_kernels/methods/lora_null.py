@@ -1,4 +1,4 @@
-"""LoRA-Null: initialise the adapter in the null space of the pre-trained activations (METHODS.md).
+"""LoRA-Null: initialise the adapter in the null space of the pre-trained activations (docs/methods.md#lora-null).
 
 With C the layer's (uncentred) input covariance over knowledge-like calibration data and Q its ``null_dim``
 smallest eigenvectors (in × null_dim):

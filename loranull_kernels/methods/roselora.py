@@ -1,4 +1,4 @@
-"""RoseLoRA: row- and column-wise sparse adapters for knowledge editing (METHODS.md). The method is LoRA's
+"""RoseLoRA: row- and column-wise sparse adapters for knowledge editing (docs/methods.md#roselora). The method is LoRA's
 initialiser plus this sparsity schedule; the schedule composes with any initialiser (``sparsity="roselora"``).
 
 After every optimiser step t (:func:`after_step`, called by :func:`loranull_kernels.after_optimizer_step`):

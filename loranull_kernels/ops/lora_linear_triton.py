@@ -29,7 +29,7 @@ def _r_pad(r: int) -> int:
 def _dot_dtype(dtype: torch.dtype):
     _, tl, _, _ = _triton()
     if dtype == torch.bfloat16 and backend.interpreting():
-        return tl.float32  # the interpreter's tl.dot on bf16 multiplies bit patterns (DESIGN.md)
+        return tl.float32  # the interpreter's tl.dot on bf16 multiplies bit patterns (docs/design.md)
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 

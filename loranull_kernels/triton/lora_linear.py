@@ -1,4 +1,4 @@
-"""Triton kernels of the fused LoRA linear (the graph split of DESIGN.md).
+"""Triton kernels of the fused LoRA linear (the graph split of docs/design.md#the-triton-backend-the-graph-split).
 
 Shapes: x (M, K), W (N, K), A (r, K), B (N, r), d (r,), H (M, r) float32, dG (M, r) float32.
 The rank is padded to ``R_PAD`` ≥ 16 (the GPU's ``tl.dot`` minimum) with masked loads, never in memory.
