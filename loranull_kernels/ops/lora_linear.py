@@ -8,6 +8,7 @@ opaque nodes, and each backend gets its own ``torch.autograd.Function`` tying th
 function validates the arguments, picks the backend (:mod:`loranull_kernels.backend`), flattens leading
 dimensions and draws the dropout seed.
 """
+import math
 import numbers
 from typing import Optional
 
@@ -99,6 +100,8 @@ def _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, m
         raise ValueError("weight requires grad: lora_linear treats the base weight as frozen "
                          "(call weight.requires_grad_(False), or train it with a plain nn.Linear)")
     out_f, in_f = weight.shape
+    if in_f < 1:
+        raise ValueError(f"weight has in_features=0 (shape {tuple(weight.shape)}): lora_linear needs in_features ≥ 1")
     if x.shape[-1] != in_f:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but weight has in_features={in_f} (weight shape {tuple(weight.shape)})")
     adapter_ok = lambda d: d in (xdt, torch.float32)  # noqa: E731 - PEFT keeps adapters in fp32 beside half bases
@@ -128,6 +131,8 @@ def _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, m
                                  f"{tuple(like.shape)}, got {tuple(mask.shape)}")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:

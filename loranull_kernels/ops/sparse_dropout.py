@@ -30,35 +30,64 @@ class Dropped(NamedTuple):
     n_cols: int
 
 
+def _uniforms(gens: list[torch.Generator], count: int, device: torch.device) -> torch.Tensor:
+    """``count`` uniforms in [0, 1) drawn from every generator and summed modulo 1 (uniform as long as one term is).
+
+    The second stream (the seed's high bits) is read one draw ahead so that swapping the two halves of a seed
+    does not give the same sum."""
+    u = torch.rand(count, generator=gens[0], device=device)
+    if len(gens) > 1:
+        v = torch.rand(count + 1, generator=gens[1], device=device)[1:]
+        u.add_(v)
+        u.sub_(u.floor())  # in [0, 1): the sum is exact on float32's 2⁻²³ grid below 2
+    return u
+
+
+def _generators(seed: int, device: torch.device) -> list[torch.Generator]:
+    """Generators for a seed in [0, 2**63): the CPU generator (mt19937) keeps only the low 32 bits of a seed, so
+    the high bits seed a second stream; seeds below 2**32 use one stream (the masks they always drew)."""
+    lo, hi = seed & 0xFFFFFFFF, seed >> 32
+    gens = [torch.Generator(device=device)]
+    gens[0].manual_seed(lo)
+    if hi:
+        gens.append(torch.Generator(device=device))
+        gens[1].manual_seed(hi)
+    return gens
+
+
 def dropped_entries(seed: int, n_rows: int, n_cols: int, p: float, device: torch.device) -> Dropped:
-    """The entries dropped with probability ``p`` each, independently, for the given seed.
+    """The entries dropped with probability ``p`` each, independently, for the given seed in [0, 2**63) (all its
+    bits matter).
 
     Returns index tensors on ``device`` (int32 when n_rows · n_cols < 2³⁰, else int64).
     """
     n = n_rows * n_cols
     idx_dtype = torch.int32 if n < 2**30 else torch.int64
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gens = _generators(int(seed), device)
     inv_log_keep = 1.0 / math.log1p(-p)
-    chunks, start = [], torch.zeros((), dtype=idx_dtype, device=device)
+    chunks, start = [], 0
     mean = n * p
     count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 64)
     while True:
-        u = torch.rand(count, generator=gen, device=device)
-        # Geometric(p) on {1, 2, ...} by inversion; the int conversion truncates, i.e. floors (values ≥ 0).
-        gaps = torch.log1p(u.neg_()).mul_(inv_log_keep).to(idx_dtype).add_(1)
-        pos = torch.cumsum(gaps, 0, dtype=idx_dtype).add_(start - 1)
+        u = _uniforms(gens, count, device)
+        # Geometric(p) on {1, 2, ...} by inversion; the int conversion truncates, i.e. floors (values ≥ 0). A gap
+        # past the end is clamped to n + 1 before the conversion (a tiny p draws gaps beyond any integer type),
+        # and the running sum is int64 (count · (n + 1) can pass 2³¹).
+        gaps = torch.log1p(u.neg_()).mul_(inv_log_keep).clamp_(max=n + 1).to(torch.int64).add_(1)
+        pos = torch.cumsum(gaps, 0).add_(start - 1)
         chunks.append(pos)
-        if int(pos[-1]) >= n:  # enough positions drawn (one host sync; the usual case takes one round)
+        last = int(pos[-1])
+        if last >= n:  # enough positions drawn (one host sync; the usual case takes one round)
             break
-        start = pos[-1] + 1
-        count = max(64, int(2 * (n - int(start)) * p) + 64)
+        start = last + 1
+        count = max(64, int(2 * (n - start) * p) + 64)
     pos = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     pos = pos[: int(torch.searchsorted(pos, n))]
-    rows = torch.div(pos, n_cols, rounding_mode="floor")
-    cols = pos - rows * n_cols
+    small = pos.to(idx_dtype)
+    rows = torch.div(small, n_cols, rounding_mode="floor")
+    cols = small - rows * n_cols
     # flat indices as int64: gathers (take) and index_fill_ want them, and converting once beats every use
-    return Dropped(pos.long(), rows, cols, n_rows, n_cols)
+    return Dropped(pos, rows, cols, n_rows, n_cols)
 
 
 def keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device: torch.device) -> torch.Tensor:

@@ -41,6 +41,10 @@ CASES = [
     (dict(seed=-1), ValueError, "seed must be in"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(train_A=1), TypeError, "train_A must be a bool"),
+    (dict(scaling=float("nan")), ValueError, "scaling must be finite"),
+    (dict(scaling=float("inf")), ValueError, "scaling must be finite"),
+    (dict(x=torch.randn(4, 0), weight=torch.randn(10, 0), lora_A=torch.randn(3, 0), mask_A=None), ValueError,
+     "in_features=0"),
 ]
 
 
