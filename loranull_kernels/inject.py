@@ -46,7 +46,8 @@ def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
     return model
 
 
-def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, **calibrate_kwargs) -> nn.Module:
+def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, penalty_hooks: bool = True,
+           **calibrate_kwargs) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by adapters, in place, and freeze everything else.
 
     Targets follow ``config.target_modules`` / ``config.exclude_modules`` (see
@@ -60,6 +61,10 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, **cal
     :func:`loranull_kernels.calibrate` over ``calibration_data`` with ``normalize=config.normalize_calibration``
     and ``**calibrate_kwargs`` (``progress``, ``max_batches``). With ``config.init_seed`` set, one generator seeded
     with it draws every layer's random init in module order: reproducible, and different from layer to layer.
+
+    ``penalty_hooks`` (default True): the regularisers' gradients (KaSA, LaLoRA) are added at every optimiser step
+    by :func:`loranull_kernels.regularize.enable_penalty_hooks`, so no loss code is needed; False leaves them to
+    ``loss + lk.regularization_loss(model)``.
 
     Returns:
         ``model`` itself. Trainable afterwards: ``lora_A`` (unless ``freeze_A``), ``lora_B``, ``rank_scale`` (when
@@ -102,7 +107,12 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, **cal
             gen = generators[dev]
         return LoRALinear.from_linear(linear, config=config, covariance=covariances.get(name), generator=gen)
 
-    return replace_targets(model, targets, make_layer)
+    replace_targets(model, targets, make_layer)
+    if penalty_hooks:
+        from .regularize import enable_penalty_hooks
+
+        enable_penalty_hooks(model)
+    return model
 
 
 class TrainableParameters(NamedTuple):
