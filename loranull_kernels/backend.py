@@ -66,7 +66,8 @@ def triton_unusable_reason(device: torch.device, dtype: torch.dtype | None = Non
         return f"triton cannot be imported ({err})"
     if device.type == "cpu":
         if not interpreting():
-            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing loranull_kernels)"
+            return ("the Triton kernels need a GPU (CPU tensors run the torch backend; Triton's interpreter, "
+                    "TRITON_INTERPRET=1, runs them on the CPU for tests only: it is slow)")
     elif device.type != "cuda":
         return f"Triton kernels do not run on {device.type!r} tensors"
     if dtype is not None and dtype not in TRITON_DTYPES:
@@ -143,15 +144,21 @@ def report(file=None) -> str:
     else:
         lines.append(f"  triton: unavailable ({err})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    reasons: list[str] = []  # each reason printed once, as a footnote, however many rows it explains
     for dev in devices:
         for dtype in SUPPORTED_DTYPES:
             try:
                 chosen = select(torch.device(dev), dtype)
                 why = triton_unusable_reason(torch.device(dev), dtype)
-                note = f" (triton: {why})" if chosen == "torch" and why else ""
+                if chosen == "torch" and why:
+                    reasons += [why] if why not in reasons else []
+                    note = f" [{reasons.index(why) + 1}]"
+                else:
+                    note = ""
             except RuntimeError as exc:
                 chosen, note = "error", f" ({exc})"
             lines.append(f"  {dev:4s} {str(dtype):14s} -> {chosen}{note}")
+    lines += [f"  [{i + 1}] not Triton: {why}" for i, why in enumerate(reasons)]
     lines.append(f"  CUDA extension _C: {extension_status()}")
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)

@@ -29,7 +29,8 @@ def test_time_fn_and_interleaved_report_ordered_quantiles():
     res = harness.time_interleaved({"a": make("a", 1000), "b": make("b", 200000)}, rounds=5, warmup=2, device="cpu")
     assert calls == {"a": 7, "b": 7}
     assert res["a"]["median_ms"] < res["b"]["median_ms"]
-    assert all(r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in res.values())
+    assert all(r["min_ms"] <= r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] <= r["max_ms"] for r in res.values())
+    assert all(len(r["samples_ms"]) == 5 for r in res.values())
 
 
 def test_write_csv_adds_environment_to_every_row(tmp_path):
@@ -40,11 +41,22 @@ def test_write_csv_adds_environment_to_every_row(tmp_path):
     assert all(r["device"] == harness.device_name("cpu") and r["commit"] and r["date"] for r in rows)
 
 
-def test_results_path_carries_the_device_slug():
+def test_results_go_outside_the_source_tree_unless_a_directory_is_given(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORANULL_RESULTS", raising=False)
+    monkeypatch.setenv("LORANULL_CACHE", str(tmp_path / "cache"))
     p = harness.results_path("calibration", "csv", device="cpu")
-    assert p.parent.name == "results" and p.parent.parent.name == "benchmarks"
+    assert p.parent == tmp_path / "cache" / "results"  # never the checkout's committed benchmarks/results/
     assert p.name == f"calibration_{harness.device_slug('cpu')}.csv"
     assert re.fullmatch(r"[a-z0-9-]+", harness.device_slug("cpu"))
+    monkeypatch.setenv("LORANULL_RESULTS", str(tmp_path / "mine"))
+    assert harness.results_path("x", "png", device="cpu").parent == tmp_path / "mine"
+    assert harness.results_path("x", "png", device="cpu", out_dir=tmp_path / "o").parent == tmp_path / "o"
+
+
+def test_ratio_spread_pairs_the_rounds():
+    a = {"samples_ms": [2.0, 4.0, 3.0]}
+    b = {"samples_ms": [1.0, 1.0, 2.0]}
+    assert harness.ratio_spread(a, b) == {"median": 2.0, "min": 1.5, "max": 4.0}
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -1,11 +1,13 @@
-"""Report the forgetting benchmark (:mod:`.forgetting`): summary table, CSVs, the trade-off plot, and the CLI.
+"""The forgetting benchmark's report (summary table, CSVs, the trade-off plot) and its command line.
 
     loranull-forgetting [--quick] [--out-dir DIR] [--methods lora "lora_null v2" ...] [--seeds 0 1 2]
 
-writes ``forgetting_runs_<device>.csv`` (every run, learning-rate sweeps included), ``forgetting_<device>.csv`` (one
-row per method at its selected learning rate: mean and standard deviation over seeds) and
-``forgetting_<device>.png`` (retention against target accuracy) under ``benchmarks/results/`` (``--quick``: names
-with ``_quick``), and prints the table as Markdown.
+runs every method of the package (and full fine-tuning) on a small Llama pre-trained on a synthetic world, and
+writes forgetting_runs_<device>.csv (every run, learning-rate sweeps included), forgetting_<device>.csv (one row per
+method at its selected learning rate: mean and standard deviation over seeds) and forgetting_<device>.png (retention
+against target accuracy) to --out-dir (default: $LORANULL_RESULTS or ~/.cache/loranull_kernels/results; --quick:
+names with _quick), and prints the table as Markdown. The pre-trained model is cached in $LORANULL_CACHE (default
+~/.cache/loranull_kernels).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import math
 import statistics
 from pathlib import Path
 
+from .. import _cli
 from . import harness
-from .forgetting import FULL, QUICK, BenchmarkConfig, run
+from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run
 
 _MEANS = ("target_accuracy", "retention", "recall_after", "recall_init", "leak_init", "leak_final", "task_leak_init",
           "final_task_loss", "seconds")
@@ -142,8 +145,7 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
     name = "forgetting_quick" if quick else "forgetting"
 
     def where(stem: str, ext: str) -> Path:
-        default = harness.results_path(stem, ext, setup.device)
-        return Path(out_dir) / default.name if out_dir is not None else default
+        return harness.results_path(stem, ext, setup.device, out_dir)
 
     paths = {"runs": harness.write_csv(result["runs"], where(f"{name}_runs", "csv"), setup.device),
              "summary": harness.write_csv(summary, where(name, "csv"), setup.device)}
@@ -154,21 +156,45 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
     return paths
 
 
+def parser() -> argparse.ArgumentParser:
+    p = _cli.ArgumentParser("loranull-forgetting", _cli.plain(__doc__))
+    p.add_argument("--quick", action="store_true", help="the small CI configuration (a few minutes on 2 CPU cores)")
+    p.add_argument("--out-dir", default=None,
+                   help="directory for the CSVs and the plot (default: $LORANULL_RESULTS or "
+                        "~/.cache/loranull_kernels/results; benchmarks/results rewrites a checkout's committed results)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="a subset: method names or families ('lalora': its sweep, 'l2': its control)")
+    p.add_argument("--seeds", nargs="+", type=_cli.nonnegative_int, default=None, help="fine-tuning seeds (≥ 0)")
+    p.add_argument("--device", type=_cli.device, default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--workers", type=_cli.positive_int, default=None,
+                   help="fine-tuning processes at once (default: one per CPU core, 1 on a GPU)")
+    p.add_argument("--pretrain-steps", type=_cli.positive_int, default=None,
+                   help="the pre-training budget: at most this many steps (default: the mode's, 2000 full, "
+                        "1200 quick); pre-training stops early once the model recalls the facts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--replot", metavar="RUNS_CSV", default=None,
+                   help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
+    return p
+
+
 def main(argv=None) -> dict:
-    """Command line: run the benchmark, write its files, print the table."""
-    parser = argparse.ArgumentParser(prog="loranull-forgetting", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small CI configuration (a couple of minutes)")
-    parser.add_argument("--out-dir", default=None, help="directory for the CSVs and the plot")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="a subset: method names or families ('lalora': its sweep, 'l2': its control)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="fine-tuning processes at once (default: one per CPU core, 1 on a GPU)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--replot", metavar="RUNS_CSV", default=None,
-                        help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
-    args = parser.parse_args(argv)
+    """Command line: run the benchmark, write its files, print the table. Every argument is checked before any
+    pre-training or fine-tuning starts (exit status 2 with a one-line message)."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.replot and not Path(args.replot).is_file():
+        p.error(f"--replot {args.replot!r}: no such file")
+    cfg: BenchmarkConfig = QUICK if args.quick else FULL
+    try:
+        if args.methods is not None:
+            cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
+        if args.seeds is not None:
+            cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
+        if args.pretrain_steps is not None:
+            cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, steps=args.pretrain_steps))
+        methods(cfg)  # unknown method names fail here, not after pre-training
+    except ValueError as exc:
+        p.error(str(exc))
     if args.replot:
         runs = load_runs(args.replot)
         summary = summarize(runs)
@@ -180,11 +206,6 @@ def main(argv=None) -> dict:
                                          max(r["seeds"] for r in summary)))
         print(markdown_table(summary))
         return {"runs": runs, "paths": {"plot": path}}
-    cfg: BenchmarkConfig = QUICK if args.quick else FULL
-    if args.methods is not None:
-        cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
-    if args.seeds is not None:
-        cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
     result = run(cfg, device=args.device, progress=not args.no_progress, workers=args.workers)
     paths = write(result, args.out_dir, quick=args.quick)
     rec = result["setup"].record
@@ -196,5 +217,11 @@ def main(argv=None) -> dict:
     return {"result": result, "paths": paths}
 
 
+def cli(argv=None) -> int:
+    """The ``loranull-forgetting`` console script: exit status 0 on success."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -1,11 +1,13 @@
 """The shared benchmark harness: what ran where, how long it took, and where the results go.
 
 - :func:`environment`: device, torch/triton versions, date, git commit: added to every CSV row.
-- :func:`time_fn` / :func:`time_interleaved`: median and 20th/80th percentiles in milliseconds. On CUDA through
-  ``triton.testing.do_bench``; on CPU with ``time.perf_counter``, the providers of one comparison alternating round
-  by round so that slow drifts of a shared machine hit all of them alike (../shared/PERFORMANCE.md: compare ratios
-  within one run).
-- :func:`write_csv`, :func:`plot`, :func:`results_path`: ``benchmarks/results/{name}_{device_slug}.{csv,png}``.
+- :func:`time_fn` / :func:`time_interleaved`: median, min, max and 20th/80th percentiles in milliseconds. On CUDA
+  through ``triton.testing.do_bench``; on CPU with ``time.perf_counter``, the providers of one comparison alternating
+  round by round so that slow drifts of a shared machine hit all of them alike (compare ratios within one run:
+  docs/performance.md); :func:`ratio_spread` turns the rounds into the spread of a ratio.
+- :func:`write_csv`, :func:`plot`, :func:`results_path`: ``{out_dir}/{name}_{device_slug}.{csv,png}``, where
+  ``out_dir`` defaults to :func:`default_out_dir` (outside any source tree); the committed results under
+  ``benchmarks/results/`` are only rewritten when a command is given that directory explicitly.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import csv
 import datetime
 import functools
 import math
+import os
 import platform
 import re
 import statistics
@@ -23,7 +26,18 @@ from typing import Callable
 
 import torch
 
+# The checkout this module runs from, if any: only used to record the git commit of a result.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cache_dir() -> Path:
+    """``$LORANULL_CACHE`` or ``~/.cache/loranull_kernels``: pre-trained benchmark models and default results."""
+    return Path(os.environ.get("LORANULL_CACHE", Path.home() / ".cache" / "loranull_kernels"))
+
+
+def default_out_dir() -> Path:
+    """Where commands write results unless told otherwise: ``$LORANULL_RESULTS``, else ``cache_dir()/results``."""
+    return Path(os.environ.get("LORANULL_RESULTS", cache_dir() / "results"))
 
 
 def _device(device) -> torch.device:
@@ -91,7 +105,15 @@ def environment(device=None) -> dict:
 
 def _summary(samples_ms: list[float]) -> dict:
     qs = statistics.quantiles(samples_ms, n=10, method="inclusive") if len(samples_ms) > 1 else samples_ms * 9
-    return {"median_ms": statistics.median(samples_ms), "p20_ms": qs[1], "p80_ms": qs[7]}
+    return {"median_ms": statistics.median(samples_ms), "p20_ms": qs[1], "p80_ms": qs[7], "min_ms": min(samples_ms),
+            "max_ms": max(samples_ms), "samples_ms": list(samples_ms)}
+
+
+def ratio_spread(numerator: dict, denominator: dict) -> dict:
+    """The spread of ``numerator / denominator`` over the rounds of one :func:`time_interleaved` call (the two
+    providers' samples of a round were taken back to back): ``{"median", "min", "max"}``."""
+    ratios = [a / b for a, b in zip(numerator["samples_ms"], denominator["samples_ms"])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def _sync(device: torch.device) -> None:
@@ -100,7 +122,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], *, warmup: float = 25, rep: float = 100, device=None, min_reps: int = 3) -> dict:
-    """Time ``fn()``: ``{"median_ms", "p20_ms", "p80_ms"}``.
+    """Time ``fn()``: ``{"median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "samples_ms"}``.
 
     ``warmup`` and ``rep`` are milliseconds, as in ``triton.testing.do_bench`` (which runs on CUDA): untimed calls
     for ``warmup`` ms (at least one), then timed calls for ``rep`` ms (at least ``min_reps``). CPU calls are timed one
@@ -110,8 +132,8 @@ def time_fn(fn: Callable[[], object], *, warmup: float = 25, rep: float = 100, d
     if device.type == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+        med, p20, p80, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8, 0, 1])
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "min_ms": lo, "max_ms": hi, "samples_ms": [med]}
     start = time.perf_counter()
     while True:
         fn()
@@ -133,7 +155,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 15, 
     ``warmup`` untimed calls of each provider first; then ``rounds`` rounds, each timing every provider once, in an
     order rotated every round (no provider always runs right after the same one). On CPU a round's sample is one
     call (``time.perf_counter``); on CUDA it is the median of ``do_bench`` over about ``rep_ms`` ms.
-    Returns ``{name: {"median_ms", "p20_ms", "p80_ms"}}`` over the rounds.
+    Returns ``{name: {"median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "samples_ms"}}`` over the rounds
+    (``samples_ms[i]``: round i, for :func:`ratio_spread`).
     """
     device = _device(device)
     names = list(fns)
@@ -156,11 +179,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 15, 
     return {n: _summary(samples[n]) for n in names}
 
 
-def results_path(name: str, ext: str, device=None) -> Path:
-    """``benchmarks/results/{name}_{device_slug}.{ext}`` under the repository root when running from a checkout,
-    else under the current directory."""
-    root = _REPO_ROOT if (_REPO_ROOT / "benchmarks").is_dir() and (_REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
-    return root / "benchmarks" / "results" / f"{name}_{device_slug(device)}.{ext.lstrip('.')}"
+def results_path(name: str, ext: str, device=None, out_dir=None) -> Path:
+    """``{out_dir}/{name}_{device_slug}.{ext}``; ``out_dir`` None: :func:`default_out_dir`."""
+    root = Path(out_dir) if out_dir is not None else default_out_dir()
+    return root / f"{name}_{device_slug(device)}.{ext.lstrip('.')}"
 
 
 def write_csv(rows: list[dict], path, device=None) -> Path:

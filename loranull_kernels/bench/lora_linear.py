@@ -1,27 +1,31 @@
 """Microbenchmark of the fused LoRA linear against vanilla LoRA implementations.
 
-Providers (PERFORMANCE.md): ``frozen`` nn.Linear (the denominator: forward + dX only), ``naive`` PyTorch LoRA
+Providers (docs/performance.md): ``frozen`` nn.Linear (the denominator: forward + dX only), ``naive`` PyTorch LoRA
 (:func:`loranull_kernels.reference.lora_linear`: F.linear + F.dropout + two skinny linears), ``peft`` (a real HF
 PEFT ``LoraLayer``, eager), ``lk-torch`` (our PyTorch backend) and ``lk-triton`` (our Triton kernels; GPU only: the
 CPU interpreter is for testing, not timing). Modes: ``forward``, ``backward``, ``full`` (forward + backward).
 
 Every provider's output and gradients are checked against the float64 reference (dropout 0) before timing.
-Results: a CSV under ``benchmarks/results/`` (device, versions, date and commit in each row), a PNG plot, and a
-table of ratios printed to stdout.
+Providers alternate round by round; each ratio is reported as the median over the rounds with its min and max
+(a round times every provider back to back, so a busy machine widens the spread instead of biasing one provider).
+Results: a CSV (device, versions, date and commit in each row) and a PNG plot in ``--out-dir`` (default
+``~/.cache/loranull_kernels/results``, or ``$LORANULL_RESULTS``), and a table of ratios printed to stdout.
 
-    loranull-bench                 # CPU: the reference shape M=4096, K=N=1024, r=16, fp32; GPU: the full sweep
+    loranull-bench                 # CPU: M = 1024 and 4096, K = N = 1024, r = 16 and 64, fp32; GPU: the full sweep
     loranull-bench --quick         # one shape, fewer repetitions (the main job's default)
+    loranull-bench --out-dir benchmarks/results    # rewrite the committed results of a checkout
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import math
+import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .. import _cli
 from .. import backend as lk_backend
 from .. import reference
 from ..ops.lora_linear import lora_linear
@@ -171,12 +175,16 @@ def run_case(case: Case, device: torch.device, rounds: int, warmup: int) -> list
         fns = {name: _closures(fn, params, x, dy, mode) for name, (fn, params) in providers.items()}
         timings = harness.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
         peaks = _peak_memory(providers, x, dy, device) if mode == "full" and device.type == "cuda" else {}
-        base = timings["frozen"]["median_ms"]
         for name, t in timings.items():
+            ratio = harness.ratio_spread(t, timings["frozen"])
+            vs_peft = harness.ratio_spread(timings["peft"], t) if "peft" in timings else {}
             rows.append(dict(op="lora_linear", M=case.M, K=case.K, N=case.N, r=case.r, dropout=case.dropout,
-                             dtype=str(case.dtype).replace("torch.", ""), provider=name, mode=mode,
-                             median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
-                             ratio_to_frozen=t["median_ms"] / base,
+                             dtype=str(case.dtype).replace("torch.", ""), provider=name, mode=mode, rounds=rounds,
+                             median_ms=t["median_ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], p20_ms=t["p20_ms"],
+                             p80_ms=t["p80_ms"], ratio_to_frozen=ratio["median"], ratio_min=ratio["min"],
+                             ratio_max=ratio["max"], peft_over_this=vs_peft.get("median", float("nan")),
+                             peft_over_this_min=vs_peft.get("min", float("nan")),
+                             peft_over_this_max=vs_peft.get("max", float("nan")),
                              peak_mem_mb=peaks.get(name, float("nan"))))
     return rows
 
@@ -209,18 +217,34 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
     return [Case(M, 1024, 1024, r, p, dt) for M, r, p in itertools.product((1024, 4096), (16, 64), (0.0, 0.1))]
 
 
-def print_table(rows: list[dict]) -> None:
+def _spread(median: float, lo: float, hi: float) -> str:
+    return f"{median:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
+def table(rows: list[dict]) -> str:
+    """The fwd+bwd ratios to the frozen layer, median [min-max] over the interleaved rounds, and our speed-up over
+    HF PEFT (PEFT time / ours, per round) for the fastest of our backends."""
     full = [r for r in rows if r["mode"] == "full"]
     cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) for r in full})
-    names = [p for p in PROVIDERS if any(r["provider"] == p for r in full)]
-    print("\nfwd+bwd time / frozen nn.Linear fwd+bwd (lower is better; medians of interleaved runs)")
-    print(f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} " + " ".join(f"{n:>10}" for n in names) + "   lk vs peft")
+    names = [p for p in PROVIDERS if p != "frozen" and any(r["provider"] == p for r in full)]
+    rounds = max((r["rounds"] for r in full), default=0)
+    lines = [f"fwd+bwd time / frozen nn.Linear fwd+bwd: median [min-max] over {rounds} interleaved rounds "
+             "(lower is better)",
+             f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} " + " ".join(f"{n:>18}" for n in names)
+             + f" {'peft / lk':>18}"]
     for c in cases:
         sel = {r["provider"]: r for r in full if (r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) == c}
-        ours = min((sel[n]["median_ms"] for n in ("lk-triton", "lk-torch") if n in sel), default=float("nan"))
-        speedup = sel["peft"]["median_ms"] / ours if "peft" in sel else float("nan")
-        print(f"{c[0]:>6} {c[1]:>6} {c[2]:>6} {c[3]:>4} {c[4]:>4} "
-              + " ".join(f"{sel[n]['ratio_to_frozen']:>10.3f}" for n in names) + f"   {speedup:>6.2f}x")
+        ours = min((sel[n] for n in ("lk-triton", "lk-torch") if n in sel), key=lambda r: r["median_ms"], default=None)
+        speedup = (_spread(ours["peft_over_this"], ours["peft_over_this_min"], ours["peft_over_this_max"])
+                   if ours is not None and "peft" in sel else "-")
+        lines.append(f"{c[0]:>6} {c[1]:>6} {c[2]:>6} {c[3]:>4} {c[4]:>4} "
+                     + " ".join(f"{_spread(sel[n]['ratio_to_frozen'], sel[n]['ratio_min'], sel[n]['ratio_max']):>18}"
+                                for n in names) + f" {speedup:>18}")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n" + table(rows))
 
 
 def plot(rows: list[dict], path) -> None:
@@ -250,21 +274,35 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="loranull-bench", description="LoRA linear microbenchmark vs vanilla LoRA")
-    parser.add_argument("--quick", action="store_true", help="one shape (dropout 0 and 0.1), fewer repetitions")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--M", type=int, nargs="*", help="token counts (overrides the default sweep)")
-    parser.add_argument("--K", type=int, default=None, help="in_features (with --M)")
-    parser.add_argument("--N", type=int, default=None, help="out_features (with --M)")
-    parser.add_argument("--r", type=int, nargs="*", default=[16], help="ranks (with --M)")
-    parser.add_argument("--dropout", type=float, nargs="*", default=[0.0, 0.1], help="dropout values (with --M)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per provider")
-    parser.add_argument("--name", default="lora_linear", help="CSV/PNG base name")
-    parser.add_argument("--out-dir", default=None, help="where to write (default: benchmarks/results/ of the checkout)")
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = _cli.ArgumentParser("loranull-bench", _cli.plain(__doc__))
+    p.add_argument("--quick", action="store_true", help="one shape (dropout 0 and 0.1), fewer repetitions")
+    p.add_argument("--device", type=_cli.device, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--M", type=_cli.positive_int, nargs="+", help="token counts (overrides the default sweep)")
+    p.add_argument("--K", type=_cli.positive_int, default=None, help="in_features (with --M)")
+    p.add_argument("--N", type=_cli.positive_int, default=None, help="out_features (with --M)")
+    p.add_argument("--r", type=_cli.positive_int, nargs="+", default=[16], help="ranks (with --M)")
+    p.add_argument("--dropout", type=_cli.probability, nargs="+", default=[0.0, 0.1],
+                   help="dropout values in [0, 1) (with --M)")
+    p.add_argument("--rounds", type=_cli.positive_int, default=None, help="timed rounds per provider (≥ 1)")
+    p.add_argument("--name", default="lora_linear", help="CSV/PNG base name")
+    p.add_argument("--out-dir", default=None,
+                   help="where to write the CSV and PNG (default: $LORANULL_RESULTS or ~/.cache/loranull_kernels/"
+                        "results; benchmarks/results rewrites a checkout's committed results)")
+    return p
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def main(argv=None) -> list[dict]:
+    """Run the benchmark, write its CSV and PNG, print the table; returns the rows. Bad arguments: exit status 2."""
+    p = parser()
+    args = p.parse_args(argv)
+    for flag in ("K", "N", "r", "dropout"):
+        if not args.M and getattr(args, flag) != p.get_default(flag):
+            p.error(f"--{flag} needs --M (it changes the shapes of a custom sweep)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        p.error(f"--name {args.name!r}: use letters, digits, '_', '-' or '.' (it becomes a file name)")
+
+    device = args.device or _cli.default_device()
     if args.M:
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
         K = args.K or (4096 if device.type == "cuda" else 1024)
@@ -280,9 +318,7 @@ def main(argv=None) -> list[dict]:
     for case in tqdm(cases, desc="lora_linear benchmark", unit="shape"):
         rows.extend(run_case(case, device, rounds=rounds, warmup=warmup))
     name = args.name + ("_quick" if args.quick and not args.M else "")
-    csv_path, png_path = (harness.results_path(name, ext, device) for ext in ("csv", "png"))
-    if args.out_dir:
-        csv_path, png_path = (Path(args.out_dir) / p.name for p in (csv_path, png_path))
+    csv_path, png_path = (harness.results_path(name, ext, device, args.out_dir) for ext in ("csv", "png"))
     harness.write_csv(rows, csv_path, device)
     plot(rows, png_path)
     print_table(rows)
@@ -290,5 +326,11 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def cli(argv=None) -> int:
+    """The ``loranull-bench`` console script: exit status 0 on success."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())
