@@ -94,10 +94,12 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 def penalty_values(model: nn.Module) -> dict[str, float]:
     """The current penalty of each regulariser kind, summed over the model's layers as :func:`regularization_loss`
     weighs them: e.g. ``{"kasa": 0.012}``, ``{"lalora": 3.4}``; empty without regularised layers. For logging;
-    computed without gradient."""
+    computed without gradient (FSDP2-sharded factors are all-gathered: call it on every rank)."""
     out: dict[str, float] = {}
     with torch.no_grad():
-        for _, term, weight, reg in _weighted_terms(model):
+        views = {layer: _FullView(layer) for _, layer, cfg in adapter_layers(model)
+                 if cfg.effective_regularizer is not None}
+        for _, term, weight, reg in _weighted_terms(model, views):
             out[reg] = out.get(reg, 0.0) + weight * float(term)
     return out
 

@@ -1,11 +1,12 @@
 """Integrations with other adapter libraries.
 
 Submodules are imported lazily so ``import loranull_kernels`` never imports the library being integrated:
-``lk.integrations.peft`` imports peft on first access.
+``lk.integrations.peft`` imports peft on first access, ``lk.integrations.transformers`` (the Trainer callback) the
+Trainer's modules.
 """
 import importlib
 
-__all__ = ["peft"]
+__all__ = ["peft", "transformers"]
 
 
 def __getattr__(name):
