@@ -3,88 +3,193 @@
 Triton's interpreter, which runs the kernel tests on CPU, accepts programs the GPU compiler rejects (``tl.dot``
 shapes, dtype mixes, loop-carried scalar types, shared memory beyond the SM's), so CI, which has no GPU, runs::
 
-    python -m loranull_kernels.triton.compile_check --arch 90
+    python -m loranull_kernels.triton.compile_check --arch 90 --report
 
-Each kernel is compiled with the launch configurations its dispatch code uses on a GPU (the config tables), for
-bf16/fp16/fp32 inputs and with its optional features on and off, and must fit the SM's shared memory. Run it with
-``TRITON_INTERPRET`` unset (the kernels must be real ``JITFunction``s). It also serves a GPU session to check
-another Triton version (3.6 there) before running anything.
+Each kernel is compiled as a GPU launch would compile it: the lora_linear kernels' arguments are recorded from the
+launcher itself (``ops/lora_linear_triton.py``) run on meta tensors at the reference shape, with the GPU config
+tables, then specialised by Triton's JIT rules (an integer equal to 1 becomes a constant, multiples of 16 and
+pointers are marked 16-divisible): a unit stride the launcher passes is what lets the compiler vectorise loads and
+pipeline them with ``cp.async``. bf16/fp16/fp32 inputs, optional features on and off; every kernel must fit the SM's
+shared memory.
+
+``--report`` adds, per kernel, what ptxas made of it (registers, spill stack, local loads/stores, shared memory,
+tensor-core instruction family and count, async copies) beside a plain Triton GEMM of the same tile, and fails on a
+spill in any kernel launched with a GPU table's config and on a bf16/fp16 kernel whose dots got no tensor-core
+instruction. Run it with ``TRITON_INTERPRET`` unset (the kernels must be real ``JITFunction``s). A GPU session can
+also use it to check another Triton version before running anything.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import itertools
 import os
 import sys
 import time
+from typing import Optional
 
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
-_TYPE_OF = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+REFERENCE_SHAPE = dict(M=8192, K=4096, N=4096)  # the benchmark's reference layer (docs/performance.md)
+# (input dtype, adapter dtype, optional features on, rank): bf16/fp16 adapters, and fp32 adapters beside bf16 (PEFT).
+LORA_VARIANTS = [("bf16", "bf16", True, 16), ("bf16", "fp32", False, 64), ("fp16", "fp16", True, 32),
+                 ("fp32", "fp32", False, 16)]
+_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8",
+        "int32": "*i32", "int64": "*i64"}
 
 
-def _signature(fn, ptr_types: dict, float_scalars=(), i64_scalars=()) -> dict:
-    """Kernel signature from its parameters: pointers by name (``ptr_types``), named float/int64 scalars, the
-    rest int32, constexprs as such."""
-    sig = {}
-    for p in fn.params:
+@dataclasses.dataclass
+class Case:
+    """One kernel compilation. ``table``: the config table its launch configuration came from (None: a fixed launch
+    shape of the dispatch code); ``tile``: the (m, n, k) GEMM its main loop is; ``dot_dtype``: its dot operands'."""
+
+    label: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    table: Optional[str] = None
+    tile: Optional[tuple] = None
+    dot_dtype: Optional[str] = None
+
+
+def specialize(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``fn`` launched with ``args`` (non-constexpr parameters by name: tensors,
+    ints, floats) by the rules of Triton's JIT: pointers and integers that are multiples of 16 get
+    ``tt.divisibility = 16``, integers equal to 1 become constants, except for ``do_not_specialize`` parameters."""
+    import torch
+
+    sig, cx, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
-        elif p.name in ptr_types:
-            sig[p.name] = ptr_types[p.name]
-        elif p.name in float_scalars:
+            cx[p.name] = constexprs[p.name]
+            continue
+        v = args[p.name]
+        if isinstance(v, torch.Tensor):
+            sig[p.name] = _PTR[str(v.dtype).replace("torch.", "")]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        elif isinstance(v, float):
             sig[p.name] = "fp32"
-        elif p.name in i64_scalars:
-            sig[p.name] = "i64"
+        elif isinstance(v, int):
+            sig[p.name] = "i64" if not -2**31 <= v < 2**31 else "i32"
+            if p.do_not_specialize:
+                sig[p.name] = "i64" if p.name == "seed" else sig[p.name]  # seeds take all 63 bits
+            elif v == 1:
+                sig[p.name], cx[p.name] = "constexpr", 1
+            elif v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[p.name] = "i32"
-    return sig
+            raise TypeError(f"{fn.__name__}: cannot specialise argument {p.name}={v!r}")
+    return sig, cx, attrs
 
 
-def _split_options(cfg: dict) -> tuple[dict, dict]:
-    cfg = dict(cfg)
-    return cfg, {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+class _Recorder:
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            params = [p for p in self.fn.params if not p.is_constexpr]
+            self.log.append((self.fn, dict(zip([p.name for p in params], args)), kwargs))
+        return launch
 
 
-def lora_linear_cases():
-    """(label, fn, signature, constexprs, options) for the fused LoRA linear kernels, per the GPU config tables."""
+class _Configs:
+    """Stands in for ``triton.configs`` on meta tensors: every kernel gets ``table``'s entry."""
+
+    def __init__(self, table: dict):
+        self.table = table
+
+    def config(self, kernel, device):
+        cfg = dict(self.table[kernel])
+        if cfg.get("SPLIT_M") == "auto":  # what "auto" gives on a 132-SM H100 at the reference shape
+            cfg["SPLIT_M"] = max(1, (2 * 132) // -(-REFERENCE_SHAPE["K"] // cfg["BLOCK_K"]))
+        return cfg
+
+
+def record_lora_linear(table: dict, dtype: str, adapter: str, on: bool, r: int) -> list:
+    """The launches (fn, args by name, keyword args) of one forward and one backward of ``lora_linear`` on the
+    Triton backend at the reference shape, with ``table``'s configs, recorded from the launcher on meta tensors."""
+    import torch
+
+    from ..ops import lora_linear_triton as launcher
+    from . import lora_linear as kernels
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    M, K, N = REFERENCE_SHAPE["M"], REFERENCE_SHAPE["K"], REFERENCE_SHAPE["N"]
+    meta = dict(device="meta")
+    x, w = torch.empty(M, K, dtype=dt[dtype], **meta), torch.empty(N, K, dtype=dt[dtype], **meta)
+    A, B = torch.empty(r, K, dtype=dt[adapter], **meta), torch.empty(N, r, dtype=dt[adapter], **meta)
+    d = torch.empty(r, dtype=dt[adapter], **meta) if on else None
+    bias = torch.empty(N, dtype=dt[dtype], **meta) if on else None
+    mA = torch.empty(r, K, dtype=torch.bool, **meta) if on else None
+    mB = torch.empty(N, r, dtype=torch.bool, **meta) if on else None
+    seed, p = torch.tensor(12345), (0.1 if on else 0.0)
+    log: list = []
+    triton_mod, tl, _, _ = launcher._triton()
+    fake_kernels = type("Kernels", (), {n: _Recorder(getattr(kernels, n), log) for n in
+                                        ("lora_down_kernel", "lora_forward_kernel", "lora_dy_kernel",
+                                         "lora_dx_kernel", "lora_da_kernel")})()
+    saved, deterministic = launcher._triton, torch.are_deterministic_algorithms_enabled()
+    launcher._triton = lambda: (triton_mod, tl, fake_kernels, _Configs(table))
+    try:
+        torch.use_deterministic_algorithms(on)  # features on: slab reductions; off: atomics
+        _, h = launcher.forward(x, w, A, B, d, bias, mA, mB, seed, 2.0, p)
+        launcher.backward(torch.empty(M, N, dtype=dt[dtype], **meta), x, w, A, B, d, h, mA, mB, seed, 2.0, p,
+                          True, True, True, on, on)
+    finally:
+        launcher._triton = saved
+        torch.use_deterministic_algorithms(deterministic)
+    return log
+
+
+_LORA_KEYS = {"lora_down_kernel": "down", "lora_forward_kernel": "forward", "lora_dy_kernel": "dy",
+              "lora_dx_kernel": "dx", "lora_da_kernel": "da"}
+
+
+def _lora_tile(name: str, cx: dict) -> tuple:
+    """The (m, n, k) of the GEMM each kernel's main loop computes."""
+    dims = {"lora_down_kernel": ("BLOCK_M", "R_PAD", "BLOCK_K"), "lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "lora_dy_kernel": ("BLOCK_M", "R_PAD", "BLOCK_N"), "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+            "lora_da_kernel": ("R_PAD", "BLOCK_K", "BLOCK_M")}[name]
+    return tuple(cx[d] for d in dims)
+
+
+def lora_linear_cases(tables: Optional[dict] = None, variants=None):
+    """The fused LoRA linear kernels as the launcher launches them, per GPU config table and variant."""
     import triton.language as tl
 
     from . import configs
     from . import lora_linear as k
 
-    dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
-    flags = ("HAS_MASK_A", "HAS_MASK_B", "HAS_DROPOUT", "HAS_RANK_SCALE", "HAS_BIAS", "NEED_DB", "NEED_DBIAS")
-    # (input dtype, adapter dtype, optional features on, R_PAD): bf16/fp16 adapters and fp32 adapters beside bf16.
-    variants = [("bf16", "bf16", True, 16), ("bf16", "fp32", False, 128), ("fp16", "fp16", True, 32),
-                ("fp32", "fp32", False, 16)]
-    kernels = {"lora_down_kernel": "down", "lora_forward_kernel": "forward", "lora_dy_kernel": "dy",
-               "lora_dx_kernel": "dx", "lora_da_kernel": "da"}
-    for table_name, table in configs.TABLES.items():
-        for name, key in kernels.items():
-            fn = getattr(k, name)
-            used = {p.name for p in fn.params}
-            for dtype, adapter, on, r_pad in variants:
-                cfg, options = _split_options(table[key])
-                cfg.pop("SPLIT_M", None)
-                cx = dict(cfg, R_PAD=r_pad, DOT_DTYPE=dot[dtype], PRECISION="ieee" if dtype == "fp32" else "tf32",
-                          ATOMIC=not on, **{f: on for f in flags})
-                cx = {n: v for n, v in cx.items() if n in used}
-                ptrs = {p: _TYPE_OF[dtype] for p in ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "bias_ptr")}
-                ptrs.update({p: _TYPE_OF[adapter] for p in ("a_ptr", "b_ptr", "d_ptr")})
-                ptrs.update({p: "*fp32" for p in ("h_ptr", "dg_ptr", "db_ptr", "dbias_ptr", "da_ptr")})
-                ptrs.update(ma_ptr="*u8", mb_ptr="*u8")
-                sig = _signature(fn, ptrs, float_scalars=("p", "keep_scale", "scaling"), i64_scalars=("seed",))
-                yield (f"{name}[{table_name}, {dtype}/{adapter}, features={'on' if on else 'off'}, R_PAD={r_pad}]",
-                       fn, sig, cx, options)
-    sig = _signature(k.keep_mask_kernel, {"out_ptr": "*i8"}, float_scalars=("p",), i64_scalars=("seed",))
-    yield "keep_mask_kernel", k.keep_mask_kernel, sig, dict(BLOCK_M=32, BLOCK_K=32), dict(num_warps=4)
+    names = {tl.bfloat16: "bf16", tl.float16: "fp16", tl.float32: "fp32"}
+    for table_name, table in (tables or configs.TABLES).items():
+        for dtype, adapter, on, r in variants or LORA_VARIANTS:
+            for fn, args, kwargs in record_lora_linear(table, dtype, adapter, on, r):
+                options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages") if o in kwargs}
+                sig, cx, attrs = specialize(fn, args, kwargs)
+                yield Case(f"{fn.__name__}[{table_name}, {dtype}/{adapter}, features={'on' if on else 'off'}, r={r}]",
+                           fn, sig, cx, attrs, options, table=table_name, tile=_lora_tile(fn.__name__, kwargs),
+                           dot_dtype=names[kwargs["DOT_DTYPE"]])
+    import torch
+
+    out = torch.empty(64, 64, dtype=torch.int8, device="meta")
+    sig, cx, attrs = specialize(k.keep_mask_kernel, dict(out_ptr=out, M=8192, K=4096, seed=7, p=0.1),
+                                dict(BLOCK_M=32, BLOCK_K=32))
+    yield Case("keep_mask_kernel", k.keep_mask_kernel, sig, cx, attrs, dict(num_warps=4))
 
 
 def covariance_cases():
     """The covariance kernel with every distinct GPU config of its table (fp32 inputs halve BLOCK_T, as
-    ``pick_config`` does), with and without a token mask."""
+    ``pick_config`` does), with and without a token mask, on a contiguous (8192, 4096) batch."""
+    import torch
+
     from . import covariance as cov
 
+    T, K = 8192, 4096
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     seen = []
     for key, table_cfg in cov.CONFIGS.items():
         if key == "interpreter" or table_cfg in seen:
@@ -93,62 +198,152 @@ def covariance_cases():
         for dtype, mask in itertools.product(("bf16", "fp16", "fp32"), (True, False)):
             if key not in ("H100", "default") and (not mask or dtype == "fp16"):
                 continue
-            cfg, options = _split_options(table_cfg)
+            cfg = dict(table_cfg)
+            options = {o: cfg.pop(o) for o in ("num_warps", "num_stages")}
             if dtype == "fp32":
                 cfg["BLOCK_T"] = max(16, cfg["BLOCK_T"] // 2)
             cx = dict(HAS_MASK=mask, UPCAST=False, IEEE=dtype == "fp32", BLOCK=cfg["BLOCK"], BLOCK_T=cfg["BLOCK_T"])
+            args = dict(C=torch.empty(K, K, device="meta"), X=torch.empty(T, K, dtype=dt[dtype], device="meta"),
+                        MASK=torch.empty(T, dtype=torch.uint8, device="meta"),
+                        TILES=torch.empty(2, dtype=torch.int32, device="meta"),
+                        T=T, K=K, stride_xt=K, stride_xk=1, stride_cm=K, stride_cn=1, stride_mask=1 if mask else 0)
             fn = cov._covariance_upper_kernel
-            sig = _signature(fn, {"C": "*fp32", "X": _TYPE_OF[dtype], "MASK": "*u8", "TILES": "*i32"})
-            yield f"covariance[{key}, {dtype}, mask={mask}]", fn, sig, cx, options
+            sig, cx, attrs = specialize(fn, args, cx)
+            yield Case(f"covariance[{key}, {dtype}, mask={mask}]", fn, sig, cx, attrs, options, table=key,
+                       tile=(cfg["BLOCK"], cfg["BLOCK"], cfg["BLOCK_T"]), dot_dtype=dtype)
 
 
 def rose_prune_cases():
-    """RoseLoRA's fused prune kernel for the launch shapes ``ops/rose_prune.py`` uses: short lines, and lines long
-    enough to need 16 warps; pruning and clamping on and off."""
+    """RoseLoRA's fused prune kernel for the launch shapes ``ops/rose_prune.py`` uses (its block and warp rule):
+    short lines, and lines long enough to need 16 warps; pruning and clamping on and off."""
+    import torch
+
+    from ..ops.rose_prune import _block
     from .rose_prune import rose_prune_kernel as fn
 
-    cases = [("fp32", True, False, 16, 16, 4), ("fp32", False, False, 4096, 32, 8), ("bf16", True, True, 2048, 16, 4),
-             ("fp32", True, True, 16384, 16384, 16), ("fp16", True, False, 64, 8192, 8)]
-    for dtype, prune, clamp, block_a, block_b, warps in cases:
-        ptrs = {p: _TYPE_OF[dtype] for p in ("a_ptr", "ga_ptr", "b_ptr", "gb_ptr")}
-        ptrs.update(ia_ptr="*fp32", ib_ptr="*fp32", ma_ptr="*u8", mb_ptr="*u8", count_ptr="*i64")
-        sig = _signature(fn, ptrs, float_scalars=("ema", "clamp"))
-        cx = dict(PRUNE=prune, CLAMP=clamp, BLOCK_A=block_a, BLOCK_B=block_b)
-        yield (f"rose_prune[{dtype}, prune={prune}, clamp={clamp}, {block_a}x{block_b}]", fn, sig, cx,
-               dict(num_warps=warps))
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # (dtype, prune, clamp, r, in_features, out_features)
+    for dtype, prune, clamp, r, n_in, n_out in [("fp32", True, False, 16, 16, 16), ("fp32", False, False, 16, 4096, 32),
+                                                ("bf16", True, True, 16, 2048, 16), ("fp32", True, True, 8, 16384, 16384),
+                                                ("fp16", True, False, 64, 64, 8192)]:
+        block_a, block_b = _block(n_in), _block(n_out)
+        warps = 4 if max(block_a, block_b) <= 2048 else (8 if max(block_a, block_b) <= 8192 else 16)
+        a = lambda d=dt[dtype]: torch.empty(r, n_in, dtype=d, device="meta")  # noqa: E731
+        b = lambda d=dt[dtype]: torch.empty(n_out, r, dtype=d, device="meta")  # noqa: E731
+        args = dict(a_ptr=a(), ga_ptr=a(), ia_ptr=a(torch.float32), ma_ptr=a(torch.uint8),
+                    b_ptr=b(), gb_ptr=b(), ib_ptr=b(torch.float32), mb_ptr=b(torch.uint8),
+                    count_ptr=torch.empty((), dtype=torch.int64, device="meta"), LINES_A=r, N_A=n_in, N_B=n_out,
+                    ema=0.8, prune_a=n_in // 2, prune_b=n_out // 2, clamp=0.5)
+        for prefix, (s0, s1) in (("a", (n_in, 1)), ("ga", (n_in, 1)), ("ia", (n_in, 1)), ("ma", (n_in, 1)),
+                                 ("b", (r, 1)), ("gb", (r, 1)), ("ib", (r, 1)), ("mb", (r, 1))):
+            args[f"s_{prefix}0"], args[f"s_{prefix}1"] = s0, s1
+        sig, cx, attrs = specialize(fn, args, dict(PRUNE=prune, CLAMP=clamp, BLOCK_A=block_a, BLOCK_B=block_b))
+        yield Case(f"rose_prune[{dtype}, prune={prune}, clamp={clamp}, {block_a}x{block_b}]", fn, sig, cx, attrs,
+                   dict(num_warps=warps), table="rose_prune")
 
 
 GROUPS = {"lora_linear": lora_linear_cases, "covariance": covariance_cases, "rose_prune": rose_prune_cases}
+
+
+def compile_case(case: Case, target):
+    import triton
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs)
+    return triton.compile(src, target=target, options=case.options)
+
+
+def plain_gemm_case(tile: tuple, dtype: str, options: dict) -> Case:
+    """The tutorial GEMM with ``tile`` = (BLOCK_M, BLOCK_N, BLOCK_K), contiguous row-major operands, 4096³."""
+    import torch
+
+    from .sass_report import plain_gemm_kernel as fn
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    n = 4096
+    args = dict(a_ptr=torch.empty(n, n, dtype=dt, device="meta"), b_ptr=torch.empty(n, n, dtype=dt, device="meta"),
+                c_ptr=torch.empty(n, n, dtype=dt, device="meta"), M=n, N=n, K=n, stride_am=n, stride_ak=1,
+                stride_bk=n, stride_bn=1, stride_cm=n, stride_cn=1)
+    cx = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2], GROUP_M=8)
+    sig, cx, attrs = specialize(fn, args, cx)
+    return Case(f"plain_gemm[{'x'.join(map(str, tile))}, {dtype}]", fn, sig, cx, attrs, dict(options))
+
+
+def gate(case: Case, use) -> list[str]:
+    """Why a compiled case fails the report's bar (empty: it passes)."""
+    problems = []
+    if case.table is not None and case.table != "interpreter" and use.stack:
+        problems.append(f"spills: {use.stack} B of stack, {use.local_ops} local loads/stores")
+    if case.dot_dtype in ("bf16", "fp16") and not (use.wgmma or use.mma):
+        problems.append("no tensor-core instruction for its bf16/fp16 dots")
+    return problems
+
+
+def _row(label: str, use, ref=None) -> str:
+    tc = f"{use.tensor_core}×{use.wgmma or use.mma}" if use.tensor_core != "none" else "-"
+    line = (f"{label:<72} {use.registers:>4} {use.stack:>6} {use.local_ops:>5} {use.shared / 1024:>7.1f} {tc:>9} "
+            f"{use.cp_async:>5} {use.tma:>4}")
+    if ref is not None:
+        rtc = f"{ref.tensor_core}×{ref.wgmma or ref.mma}" if ref.tensor_core != "none" else "-"
+        line += f" | {ref.registers:>4} {ref.stack:>6} {rtc:>9} {ref.cp_async:>5}"
+    return line
+
+
+HEADER = (f"{'kernel':<72} {'regs':>4} {'stack':>6} {'l/st':>5} {'smemKiB':>7} {'tensor-c':>9} {'cpasy':>5} "
+          f"{'tma':>4} | plain GEMM same tile: regs stack tensor-c cpasy")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100/H200)")
     parser.add_argument("--only", choices=sorted(GROUPS), nargs="*", help="kernel groups (default: all)")
+    parser.add_argument("--report", action="store_true",
+                        help="registers, spills, shared memory, tensor-core and async-copy instructions per kernel, "
+                             "beside a plain GEMM of the same tile; fail on spills and on missing tensor cores")
+    parser.add_argument("--match", default=None, help="only kernels whose label contains this string")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels)", file=sys.stderr)
         return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from . import sass_report
 
     target = GPUTarget("cuda", args.arch, 32)
     smem = SMEM_BYTES.get(args.arch, SMEM_BYTES[80])
-    failures, count, start = [], 0, time.perf_counter()
+    failures, count, start, refs = [], 0, time.perf_counter(), {}
+    if args.report:
+        print(HEADER)
     for group in args.only or sorted(GROUPS):
-        for label, fn, sig, cx, options in GROUPS[group]():
+        for case in GROUPS[group]():
+            if args.match and args.match not in case.label:
+                continue
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=options)
+                compiled = compile_case(case, target)
                 if not compiled.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
                 if compiled.metadata.shared > smem:
                     raise RuntimeError(f"{compiled.metadata.shared} bytes of shared memory > {smem}")
                 count += 1
+                if not args.report:
+                    continue
+                use = sass_report.usage(compiled)
+                ref = None
+                if case.tile is not None:
+                    key = (case.tile, case.dot_dtype, tuple(sorted(case.options.items())))
+                    if key not in refs:
+                        with contextlib.suppress(Exception):  # a tile the plain GEMM cannot take: no reference
+                            refs[key] = sass_report.usage(compile_case(
+                                plain_gemm_case(case.tile, case.dot_dtype, case.options), target))
+                    ref = refs.get(key)
+                print(_row(case.label, use, ref), flush=True)
+                failures += [f"{case.label}: {why}" for why in gate(case, use)]
             except Exception as exc:  # report every failing kernel, not just the first
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                failures.append(f"{label}: {type(exc).__name__}: {first}")
+                failures.append(f"{case.label}: {type(exc).__name__}: {first}")
     print(f"compile_check: triton {triton.__version__}, sm_{args.arch}: {count} compiled, {len(failures)} failed "
           f"in {time.perf_counter() - start:.0f} s")
     for line in failures:
