@@ -16,8 +16,16 @@ Base-rewriting methods (pissa, milora, lora_null, kasa) store no residual base: 
 :meth:`LoRALinear.from_linear` used, so loading onto a fresh original model reproduces the saved model's base bit
 for bit. The file stays adapter-sized (a residual would be a copy of every targeted weight).
 
-Every directory is written atomically: into a temporary directory beside ``path``, then renamed into place. A crash
-mid-save leaves either no adapter at ``path`` or the previous one, never a half-written one that loads.
+Every directory is written atomically: into a temporary directory beside ``path``, then renamed into place, one
+writer at a time (an ``flock`` on the parent directory). A process killed mid-save leaves the previous adapter (or
+none) at ``path``, never a half-written one that loads; killed between moving the previous adapter aside and renaming
+the new one in, it leaves the previous one in a hidden ``.<name>.old-*`` directory beside ``path``, which the next
+save or load of ``path`` moves back. Leftover temporary directories are deleted by the next save.
+
+Reading checks everything before the model is touched: the JSON's keys and types, that the tensors can be read, that
+every tensor belongs to a listed module and is a field of the format (or state of the config's pieces), each
+field's dtype (the adapter's float dtype as saved, bool masks, float64 fingerprints) and shape. Problems are
+``ValueError``s naming the file and the key.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,7 +57,16 @@ _FINGERPRINT_SEED = 20240601
 # carries, far below the O(1) difference of another model's weight.
 _FINGERPRINT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 _TENSOR_FIELDS = ("lora_A", "lora_B", "rank_scale", "mask_A", "mask_B", "lora_A0", "lora_B0")
-_KNOWN_FIELDS = _TENSOR_FIELDS + ("bias", "base_fingerprint")
+_FILE_FIELDS = _TENSOR_FIELDS + ("bias", "base_fingerprint")
+# Not piece state: the merge state is the model's, never saved (a merged layer refuses a load).
+_KNOWN_FIELDS = _FILE_FIELDS + ("lora_merged",)
+# The buffer-name prefixes of each piece's state (only these names may come from a file as piece state).
+_PIECE_STATE_PREFIXES = {"roselora": "rose_", "lalora": "lalora_"}
+
+
+def _piece_prefixes(cfg: AdapterConfig) -> tuple[str, ...]:
+    return tuple(_PIECE_STATE_PREFIXES[p] for p in (cfg.effective_sparsity, cfg.effective_regularizer)
+                 if p in _PIECE_STATE_PREFIXES)
 
 
 def _piece_buffers(layer: LoRALinear) -> dict[str, torch.Tensor]:
@@ -105,44 +123,112 @@ def _check_fingerprint(name: str, weight: torch.Tensor, saved: torch.Tensor, dty
                          f"{rtol:.0e} for {dtype}); load it onto the original model")
 
 
-@contextlib.contextmanager
-def _atomic_directory(path: str | os.PathLike, allowed: tuple[str, ...]):
-    """Yield a fresh temporary directory beside ``path``; on success rename it to ``path`` (replacing a previous
-    directory that holds only ``allowed`` files); on error delete it and leave ``path`` untouched."""
-    path = Path(path).absolute()
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a directory")
-        extra = sorted(set(os.listdir(path)) - set(allowed))
-        if extra:
-            raise FileExistsError(f"{path} exists and holds other files ({extra[:5]}); refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+def _target_path(path, what: str) -> Path:
+    """``path`` resolved (symlinks followed), refused when replacing it would move the working directory away."""
     try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old_root / path.name)
-            try:
+        resolved = Path(os.path.realpath(os.fspath(path)))
+    except TypeError:
+        raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}") from None
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"{what}: path {os.fspath(path)!r} is the current working directory or one of its parents "
+                         f"({resolved}); the adapter directory is replaced as a whole: name a subdirectory")
+    return resolved
+
+
+@contextlib.contextmanager
+def _locked_parent(path: Path):
+    """An exclusive advisory lock (``flock``) on ``path``'s parent directory while saving or recovering: one
+    writer at a time, and a writer that dies releases it. No lock where ``fcntl`` is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; saves there are not protected against each other
+        yield
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _leftovers(path: Path) -> tuple[list[Path], list[Path]]:
+    """The ``(tmp, old)`` directories killed saves of ``path`` left beside it (mkdtemp names: 8 random chars)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    found: dict[str, list[Path]] = {"tmp": [], "old": []}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                found[m.group(1)].append(Path(entry.path))
+    return found["tmp"], found["old"]
+
+
+def _recover(path: Path) -> None:
+    """Undo what a killed save left (call with the parent locked). A save killed between moving the previous
+    adapter aside and renaming the new one into place leaves no ``path``: the previous adapter is moved back (the
+    interrupted save did not happen). Unfinished temporary directories and the leftovers of finished saves are
+    deleted."""
+    tmps, olds = _leftovers(path)
+    if not os.path.lexists(path):
+        for old in sorted(olds, key=lambda d: d.stat().st_mtime, reverse=True):
+            if (old / path.name).is_dir():
+                os.rename(old / path.name, path)
+                break
+    for d in tmps + olds:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # make renames durable where directories can be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_directory(path: str | os.PathLike, allowed: tuple[str, ...], what: str):
+    """Yield a fresh temporary directory beside ``path``; on success rename it to ``path`` (replacing a previous
+    directory that holds only ``allowed`` files); on error delete it and leave ``path`` untouched.
+
+    A process killed at any point leaves the previous directory at ``path`` or beside it, in
+    ``.<name>.old-*/<name>``; the next save or load of ``path`` puts it back (:func:`_recover`)."""
+    path = _target_path(path, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked_parent(path):
+        _recover(path)
+        if os.path.lexists(path):
+            if not path.is_dir():
+                raise FileExistsError(f"{path} exists and is not a directory")
+            extra = sorted(set(os.listdir(path)) - set(allowed))
+            if extra:
+                raise FileExistsError(f"{path} exists and holds other files ({extra[:5]}); refusing to replace it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if os.path.lexists(path):
+                old_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, old_root / path.name)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old_root / path.name, path)
+                    raise
+                _fsync_dir(path.parent)
+                shutil.rmtree(old_root, ignore_errors=True)
+            else:
                 os.rename(tmp, path)
-            except BaseException:
-                os.rename(old_root / path.name, path)
-                raise
-            shutil.rmtree(old_root, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -166,6 +252,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear adapter (call lk.inject first)")
     cfg = _model_config(layers)
+    prefixes = _piece_prefixes(cfg)
     tensors, modules = {}, {}
     for name, layer in layers:
         for field in _TENSOR_FIELDS:
@@ -175,46 +262,130 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         if layer.bias is not None and layer.bias.requires_grad:
             tensors[f"{name}.bias"] = _cpu(layer.bias)
         for field, t in _piece_buffers(layer).items():
-            tensors[f"{name}.{field}"] = _cpu(t)
+            if field.startswith(prefixes):  # the loader accepts exactly the state of the config's pieces
+                tensors[f"{name}.{field}"] = _cpu(t)
         tensors[f"{name}.base_fingerprint"] = _fingerprint(_original_weight(layer))
         modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "bias": layer.bias is not None, "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
-                         "base_dtype": str(layer.weight.dtype).removeprefix("torch.")}
+                         "base_dtype": str(layer.weight.dtype).removeprefix("torch."),
+                         "adapter_dtype": str(layer.lora_A.dtype).removeprefix("torch.")}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
             "config": cfg.to_dict(), "modules": modules}
-    with _atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+    with _atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME), "save_adapter") as tmp:
         st.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(meta, f, indent=2)
 
 
 # -------------------------------------------------------------------------------------------------------- load
+def _bad(file: Path, what: str) -> ValueError:
+    return ValueError(f"{file}: {what}; not a readable loranull_kernels adapter (damaged or written by something "
+                      "else)")
+
+
+def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(cfg_file, f"invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _bad(cfg_file, f"the JSON is a {type(meta).__name__}, expected an object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not a loranull_kernels adapter config (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_file} has format_version {version!r}; this version of "
+                         f"loranull_kernels reads up to {FORMAT_VERSION} (written by {meta.get('package_version')})")
+    for key, kind in (("config", dict), ("modules", dict)):
+        if key not in meta:
+            raise _bad(cfg_file, f"key {key!r} is missing")
+        if not isinstance(meta[key], kind):
+            raise _bad(cfg_file, f"key {key!r} is a {type(meta[key]).__name__}, expected an object")
+    if not meta["modules"]:
+        raise _bad(cfg_file, "key 'modules' is empty")
+    try:
+        cfg = AdapterConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise _bad(cfg_file, f"key 'config' is not a valid AdapterConfig ({e})") from None
+    for name, info in meta["modules"].items():
+        if not isinstance(info, dict):
+            raise _bad(cfg_file, f"modules[{name!r}] is a {type(info).__name__}, expected an object")
+        for key in ("in_features", "out_features"):
+            v = info.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(cfg_file, f"modules[{name!r}][{key!r}] must be a positive int, got {v!r}")
+        if not isinstance(info.get("base_dtype"), str):
+            raise _bad(cfg_file, f"modules[{name!r}]['base_dtype'] must be a dtype name, got {info.get('base_dtype')!r}")
+        if "adapter_dtype" in info and not isinstance(getattr(torch, str(info["adapter_dtype"]), None), torch.dtype):
+            raise _bad(cfg_file, f"modules[{name!r}]['adapter_dtype'] is not a dtype name: {info['adapter_dtype']!r}")
+    return meta, cfg
+
+
+def _split_key(key: str, modules: dict) -> tuple[str, str] | None:
+    module, _, field = key.rpartition(".")
+    return (module, field) if module in modules else None
+
+
+def _check_keys(weights_file: Path, meta: dict, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the file belongs to a listed module and is a field the format defines, with that field's
+    dtype: checked before the model is touched."""
+    modules = meta["modules"]
+    prefixes = _piece_prefixes(cfg)
+    for key, t in tensors.items():
+        split = _split_key(key, modules)
+        if split is None:
+            raise _bad(weights_file, f"tensor {key!r} belongs to no module listed in {CONFIG_NAME}")
+        name, field = split
+        if field not in _FILE_FIELDS and not (field.isidentifier() and field.startswith(prefixes)):
+            raise _bad(weights_file, f"tensor {key!r}: {field!r} is not an adapter field (expected one of "
+                                     f"{list(_FILE_FIELDS)} or the state of the config's pieces {list(prefixes)})")
+    for name, info in modules.items():
+        for field in ("lora_A", "lora_B", "base_fingerprint"):
+            if f"{name}.{field}" not in tensors:
+                raise _bad(weights_file, f"{name}.{field} is missing")
+        if (f"{name}.lora_A0" in tensors) != (f"{name}.lora_B0" in tensors):
+            raise _bad(weights_file, f"{name} has only one of lora_A0 / lora_B0")
+        # The adapter tensors share one float dtype, the one saved (recorded since this check exists); an integer
+        # or narrower tensor would be cast silently on loading.
+        saved = info.get("adapter_dtype")
+        expected = getattr(torch, saved) if saved is not None else tensors[f"{name}.lora_B"].dtype
+        for field in ("lora_A", "lora_B", "rank_scale", "lora_A0", "lora_B0"):
+            t = tensors.get(f"{name}.{field}")
+            if t is not None and (t.dtype != expected or not t.dtype.is_floating_point):
+                raise _bad(weights_file, f"{name}.{field} has dtype {t.dtype}; the adapter was saved in {expected}")
+        for field, ok, desc in (("mask_A", lambda d: d == torch.bool, "torch.bool"),
+                                ("mask_B", lambda d: d == torch.bool, "torch.bool"),
+                                ("base_fingerprint", lambda d: d == torch.float64, "torch.float64"),
+                                ("bias", lambda d: d.is_floating_point, "a float dtype")):
+            t = tensors.get(f"{name}.{field}")
+            if t is not None and not ok(t.dtype):
+                raise _bad(weights_file, f"{name}.{field} has dtype {t.dtype}, expected {desc}")
+
+
 def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    path = Path(path)
+    path = _target_path(path, "load_adapter")
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not os.path.lexists(path) and any(_leftovers(path)):  # a save of path was killed mid-way: undo it
+        with _locked_parent(path):
+            _recover(path)
     if not cfg_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{path} is not a loranull_kernels adapter directory (needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}; a PEFT directory loads with peft.PeftModel.from_pretrained)")
-    with open(cfg_file) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a loranull_kernels adapter config (format={meta.get('format')!r})")
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{cfg_file} has format_version {meta.get('format_version')!r}; this version of "
-                         f"loranull_kernels reads up to {FORMAT_VERSION} (written by {meta.get('package_version')})")
-    cfg = AdapterConfig.from_dict(meta["config"])
-    tensors = st.load_file(str(weights_file))
-    for name in meta["modules"]:
-        for field in ("lora_A", "lora_B", "base_fingerprint"):
-            if f"{name}.{field}" not in tensors:
-                raise ValueError(f"{weights_file} lacks {name}.{field}: a damaged adapter file")
+    meta, cfg = _read_meta(cfg_file)
+    try:
+        tensors = st.load_file(str(weights_file))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged files
+        raise _bad(weights_file, f"the tensors cannot be read ({type(e).__name__}: {e})") from None
+    _check_keys(weights_file, meta, cfg, tensors)
     return meta, cfg, tensors
 
 
 def _check_saved_shapes(name: str, info: dict, cfg: AdapterConfig, tensors: dict) -> None:
     i, o, r = info["in_features"], info["out_features"], cfg.r
     expect = {"lora_A": (r, i), "lora_B": (o, r), "rank_scale": (r,), "mask_A": (r, i), "mask_B": (o, r),
-              "lora_A0": (r, i), "lora_B0": (o, r), "bias": (o,), "base_fingerprint": (o,)}
+              "lora_A0": (r, i), "lora_B0": (o, r), "bias": (o,), "base_fingerprint": (o,),
+              "rose_imp_A": (r, i), "rose_imp_B": (o, r), "rose_updates": ()}
     for field, shape in expect.items():
         t = tensors.get(f"{name}.{field}")
         if t is not None and tuple(t.shape) != shape:
@@ -258,6 +429,7 @@ def _assign(layer: LoRALinear, name: str, tensors: dict[str, torch.Tensor]) -> N
         field = key[len(prefix):]
         if key.startswith(prefix) and "." not in field and field not in _KNOWN_FIELDS:
             layer.register_buffer(field, t.to(dev))
+    layer.attach_pieces()  # state a file from before the first optimiser step lacks starts afresh
     A0, B0 = get("lora_A0"), get("lora_B0")
     if A0 is None:
         if layer.lora_A0 is not None:  # cannot happen for one method; kept so a stale residual is never left
@@ -413,7 +585,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> None:
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    with _atomic_directory(path, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)) as tmp:
+    with _atomic_directory(path, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME), "export_peft") as tmp:
         st.save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / PEFT_CONFIG_NAME, "w") as f:
             json.dump(peft_config, f, indent=2)

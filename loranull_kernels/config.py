@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,16 @@ def _is_real(v) -> bool:
 
 def _is_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, int)
+
+
+def check_exclude_modules(value, name: str = "exclude_modules") -> None:
+    """``exclude_modules`` must be a list (or tuple) of non-empty module-name suffixes. A bare string is refused:
+    iterated, it would exclude single characters, i.e. nothing."""
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a list of module-name suffixes, got the string {value!r} "
+                        f"(did you mean [{value!r}]?)")
+    if not (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value)):
+        raise TypeError(f"{name} must be a list of non-empty module-name suffixes, got {value!r}")
 
 
 @dataclass
@@ -139,30 +150,49 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` / ``TypeError`` naming the offending field."""
-        if self.method not in METHOD_NAMES:
+        if not isinstance(self.method, str) or self.method not in METHOD_NAMES:
             raise ValueError(f"AdapterConfig.method={self.method!r} is unknown; choose one of {METHOD_NAMES}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"AdapterConfig.r must be a positive int, got {self.r!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not math.isfinite(self.alpha)):
+        if self.alpha is not None and not _is_real(self.alpha):
             raise ValueError(f"AdapterConfig.alpha must be a finite number or None, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            pass
-        elif not (isinstance(self.target_modules, (list, tuple)) and self.target_modules
-                  and all(isinstance(t, str) and t for t in self.target_modules)):
-            raise ValueError("AdapterConfig.target_modules must be a non-empty list of module-name suffixes, "
-                             f"a regular expression or 'all-linear', got {self.target_modules!r}")
-        if self.null_dim is not None and (not isinstance(self.null_dim, int) or self.null_dim < self.r):
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("use_rslora", "train_bias", "freeze_A", "normalize_calibration"):
+            if not isinstance(getattr(self, name), bool):  # "no" is truthy: a string here would mean its opposite
+                raise TypeError(f"AdapterConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self._validate_targets()
+        if self.null_dim is not None and (not _is_int(self.null_dim) or self.null_dim < self.r):
             raise ValueError(f"AdapterConfig.null_dim must be an int ≥ r={self.r} or None, got {self.null_dim!r}")
         if self.lora_null_init not in ("svd", "basis"):
             raise ValueError(f"AdapterConfig.lora_null_init must be 'svd' or 'basis', got {self.lora_null_init!r}")
         if self.lora_null_init == "basis" and self.null_dim not in (None, self.r):
             raise ValueError("AdapterConfig.lora_null_init='basis' (A0 = Qᵀ) needs null_dim = r")
-        if self.pissa_oversample < 0 or self.pissa_n_iter < 0:
-            raise ValueError("AdapterConfig.pissa_oversample and pissa_n_iter must be ≥ 0")
+        for name in ("pissa_oversample", "pissa_n_iter"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"AdapterConfig.{name} must be an int ≥ 0, got {getattr(self, name)!r}")
+        if self.init_seed is not None and (not _is_int(self.init_seed)
+                                           or not -(2**63) <= self.init_seed < 2**64):
+            raise ValueError("AdapterConfig.init_seed must be None or an int in [-2**63, 2**64) (torch.manual_seed's "
+                             f"range), got {self.init_seed!r}")
         self._validate_pieces()
+
+    def _validate_targets(self) -> None:
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise ValueError("AdapterConfig.target_modules is an empty string; give module-name suffixes, a "
+                                 "regular expression or 'all-linear'")
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as e:
+                    raise ValueError(f"AdapterConfig.target_modules={self.target_modules!r} is taken as a regular "
+                                     f"expression and does not compile: {e}") from None
+        elif not (isinstance(self.target_modules, (list, tuple)) and self.target_modules
+                  and all(isinstance(t, str) and t for t in self.target_modules)):
+            raise ValueError("AdapterConfig.target_modules must be a non-empty list of module-name suffixes, "
+                             f"a regular expression or 'all-linear', got {self.target_modules!r}")
+        check_exclude_modules(self.exclude_modules, "AdapterConfig.exclude_modules")
 
     def _validate_pieces(self) -> None:
         if self.regularizer not in ("auto", None) + REGULARIZER_NAMES:
@@ -203,6 +233,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"an AdapterConfig is read from a dict of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -11,8 +11,13 @@ import torch
 from .ops.covariance import covariance_update
 
 
+# Below float32's maximum (≈ 2¹²⁸) with room for the accumulation's rounding: C's entries stay finite.
+_OVERFLOW_LIMIT = 2.0**126
+
+
 class NonFiniteCalibrationError(ValueError):
-    """A calibration batch held NaN or ±Inf (in tokens not masked out); it was not added."""
+    """A calibration batch held NaN or ±Inf (in tokens not masked out), or values whose products would overflow
+    the float32 statistic; it was not added."""
 
 
 class CovarianceAccumulator:
@@ -64,7 +69,8 @@ class CovarianceAccumulator:
         """Add the batch ``x (..., in)`` (tokens where ``token_mask`` (bool, ``x.shape[:-1]``) is False skipped).
 
         Raises:
-            NonFiniteCalibrationError: x has NaN/Inf in a kept token; nothing is added (C and counts unchanged).
+            NonFiniteCalibrationError: x has NaN/Inf in a kept token, or values so large that C would overflow
+                float32; nothing is added (C and counts unchanged).
             ValueError / TypeError: from :func:`covariance_update` on bad shapes, dtypes or devices.
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
@@ -87,11 +93,9 @@ class CovarianceAccumulator:
             )
         per_sample = x.reshape(-1, x.shape[-2] if x.dim() >= 2 else 1, self.dim)
         mask3 = None if token_mask is None else token_mask.reshape(per_sample.shape[:-1])
-        if self.normalize:
-            inp = self._normalized(per_sample, mask3)
-            covariance_update(self.C, inp, mask3)
-        else:
-            covariance_update(self.C, x, token_mask)
+        inp, inp_mask = (self._normalized(per_sample, mask3), mask3) if self.normalize else (x, token_mask)
+        self._check_no_overflow(inp, inp_mask)
+        covariance_update(self.C, inp, inp_mask)
         if mask3 is None:
             self.tokens += per_sample.shape[0] * per_sample.shape[1]
             self.samples += per_sample.shape[0]
@@ -100,6 +104,33 @@ class CovarianceAccumulator:
             self.tokens += int(kept.sum())
             self.samples += int((kept > 0).sum())
         return self
+
+    def _check_no_overflow(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """Refuse a finite batch whose products would overflow C's float32 (``x`` of 1e20 squares to 1e40).
+
+        By Cauchy–Schwarz every entry of C + xᵀx is at most ``max_i (C_ii + Σ_t x_ti²)`` in magnitude (C is a sum
+        of Grams), so that diagonal bound below a margin under float32's maximum means no product or partial sum
+        can overflow. A cheap bound (tokens · max|x_i|²) settles the usual case; only when it is exceeded is the
+        exact column sum of squares computed, in float64."""
+        xt = x.reshape(-1, self.dim)
+        if xt.shape[0] == 0 or not xt.is_floating_point():  # covariance_update refuses other dtypes by name
+            return
+        diag = self.C.diagonal().double()
+        # over every token, masked ones included (one fused reduction, no copy); a masked Inf only sends the
+        # check to the exact path
+        peak = torch.linalg.vector_norm(xt, ord=float("inf"), dim=0).double()
+        if float((diag + xt.shape[0] * peak.square()).max()) <= _OVERFLOW_LIMIT:
+            return
+        if token_mask is not None:
+            xt = xt[token_mask.reshape(-1)]
+        sumsq = torch.zeros_like(diag)
+        for chunk in xt.split(4096):
+            sumsq += chunk.double().square().sum(0)
+        worst = float((diag + sumsq).max())
+        if not worst <= _OVERFLOW_LIMIT:
+            raise NonFiniteCalibrationError(
+                f"layer {self.name!r}: calibration input is too large for the float32 statistic (a diagonal entry of "
+                f"C would reach {worst:.3g}, float32 overflows at 3.4e38); the batch was not added")
 
     @staticmethod
     def _normalized(x3: torch.Tensor, mask3: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,10 @@ from .methods import get_method
 from .ops.lora_linear import lora_linear
 
 
+# Buffers that are None until a method sets them (RoseLoRA's masks, the base-rewriting methods' initial factors).
+_OPTIONAL_BUFFERS = ("mask_A", "mask_B", "lora_A0", "lora_B0")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """SVDs, eigendecompositions and merges run in float32 (float64 for float64 models), whatever the model dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -39,6 +43,11 @@ class LoRALinear(nn.Module):
                  dropout: float = 0.0, bias: bool = True, *, method: str = "lora", use_rslora: bool = False,
                  has_rank_scale: bool = False, device=None, dtype=None, adapter_dtype=None):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"LoRALinear: {name} must be an int, got {v!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be a number in [0, 1), got {dropout!r}")
         if r < 1 or r > min(in_features, out_features):
             raise ValueError(f"r={r} must be in [1, min(in_features, out_features) = {min(in_features, out_features)}]")
         dtype = dtype or torch.get_default_dtype()
@@ -58,8 +67,11 @@ class LoRALinear(nn.Module):
             self.rank_scale = nn.Parameter(torch.ones(r, device=device, dtype=adapter_dtype))
         else:
             self.register_parameter("rank_scale", None)
-        for name in ("mask_A", "mask_B", "lora_A0", "lora_B0"):
+        for name in _OPTIONAL_BUFFERS:
             self.register_buffer(name, None)
+        # The merge state travels with the state_dict (the weight it describes is merged or not); ``merged`` is its
+        # Python mirror, read on every forward without a device sync.
+        self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=device))
         self.merged = False
 
     # ------------------------------------------------------------------------------------------------ building
@@ -83,6 +95,9 @@ class LoRALinear(nn.Module):
         if cfg.r > min(linear.in_features, linear.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
                              f"{min(linear.in_features, linear.out_features)} of this layer")
+        if cfg.method == "lora_null" and cfg.null_dim is not None and cfg.null_dim > linear.in_features:
+            raise ValueError(f"AdapterConfig.null_dim={cfg.null_dim} exceeds in_features={linear.in_features} of this "
+                             f"layer ({linear.in_features} → {linear.out_features}): the null space Q is (in, null_dim)")
         meth = get_method(cfg.method)
         W = linear.weight.detach()
         if generator is None and cfg.init_seed is not None:
@@ -112,7 +127,19 @@ class LoRALinear(nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(cfg.train_bias)
         layer.adapter_config = cfg
+        layer.attach_pieces()
         return layer
+
+    def attach_pieces(self) -> None:
+        """Register the state buffers of the layer's sparsity schedule (RoseLoRA's importance) up front, so a
+        freshly built layer has the state_dict keys a trained one has (a strict ``load_state_dict`` of a trained
+        model into a fresh one works)."""
+        from .methods import SPARSITY
+
+        cfg = getattr(self, "adapter_config", None)
+        piece = None if cfg is None else cfg.effective_sparsity
+        if piece is not None:
+            SPARSITY[piece].attach(self, cfg)
 
     # --------------------------------------------------------------------------------------------- computing
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -161,7 +188,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.merge(): already merged")
         delta = self.delta_weight()
         self.weight.copy_(self.weight.to(delta.dtype) + delta)
-        self.merged = True
+        self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -170,7 +197,38 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.unmerge(): not merged")
         delta = self.delta_weight()
         self.weight.copy_(self.weight.to(delta.dtype) - delta)
-        self.merged = False
+        self._set_merged(False)
+
+    def _set_merged(self, merged: bool) -> None:
+        self.merged = merged
+        if self.lora_merged is not None:
+            self.lora_merged.fill_(merged)
+
+    # ------------------------------------------------------------------------------------------- state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Optional buffers the state has but this layer has not yet (a RoseLoRA layer saved after its masks were
+        # set, a base-rewriting layer loaded into a bare one): allocate them so the default loader fills them.
+        like = {"mask_A": (self.lora_A, torch.bool), "mask_B": (self.lora_B, torch.bool),
+                "lora_A0": (self.lora_A, self.lora_A.dtype), "lora_B0": (self.lora_B, self.lora_B.dtype)}
+        for name in _OPTIONAL_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if t is None or getattr(self, name) is not None:
+                continue
+            ref, dtype = like[name]
+            if tuple(t.shape) != tuple(ref.shape):
+                error_msgs.append(f"size mismatch for {prefix}{name}: copying a param with shape {tuple(t.shape)} "
+                                  f"from checkpoint, the shape in current model is {tuple(ref.shape)}.")
+                continue
+            setattr(self, name, torch.empty(ref.shape, dtype=dtype, device=ref.device))
+        merged_key = prefix + "lora_merged"
+        had_merged = merged_key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if had_merged:
+            self.merged = bool(self.lora_merged)
+        elif merged_key in missing_keys:  # a state_dict from before the merge state was recorded: unmerged
+            missing_keys.remove(merged_key)
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

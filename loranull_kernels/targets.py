@@ -118,7 +118,7 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
             :func:`output_head_names`), a list of module-name suffixes (``"q_proj"`` matches ``"...attn.q_proj"``; a
             full name matches itself), or one string taken as a regular expression matched with ``re.fullmatch``
             against full module names.
-        exclude_modules: module-name suffixes removed from the match.
+        exclude_modules: module-name suffixes removed from the match (a list; a bare string is refused).
         adapted: also accept :class:`~loranull_kernels.nn.LoRALinear` layers (calibrating an adapted model).
 
     Raises:
@@ -126,7 +126,12 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
             (nn.MultiheadAttention's out_proj); the message names it.
         ValueError: nothing matched (the message lists candidate names), or the model itself is the match.
     """
+    if isinstance(exclude_modules, str):  # iterated, a string would exclude single characters, i.e. nothing
+        raise TypeError(f"exclude_modules must be a list of module-name suffixes, got the string "
+                        f"{exclude_modules!r} (did you mean [{exclude_modules!r}]?)")
     exclude = list(exclude_modules or ())
+    if not all(isinstance(e, str) and e for e in exclude):
+        raise TypeError(f"exclude_modules must hold non-empty module-name suffixes, got {exclude!r}")
     named = [(n, m) for n, m in model.named_modules()]
     if adapted:
         from .nn import LoRALinear
