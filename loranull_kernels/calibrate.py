@@ -20,26 +20,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .blocks import module_device as _model_device
+from .blocks import to_device as _to_device
 from .covariance import CovarianceAccumulator
 from .targets import find_targets, linear_shape
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_device(v, device) for v in obj] if isinstance(obj, list) else tuple(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _in_features(module: nn.Module) -> int:
@@ -163,29 +147,35 @@ def _token_mask(batch: Any) -> torch.Tensor | None:
     return None
 
 
-def _accumulate(model: nn.Module, targets: list[tuple[str, nn.Module]], state: _Calibration, data: Iterable,
-                max_batches: int | None, show: bool) -> int:
-    """Run the batches with the hooks in place; returns the number of batches. Hooks and modes always restored."""
+def iterate_batches(data: Iterable, device: torch.device, max_batches: int | None, show: bool, desc: str):
+    """The batches of ``data`` (at most ``max_batches``) moved to ``device``, behind a tqdm bar when ``show``."""
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
-    modes = {m: m.training for m in model.modules()}
-    handles = []
     total = None
     if hasattr(data, "__len__"):
         total = len(data) if max_batches is None else min(len(data), max_batches)
     elif max_batches is not None:
         total = max_batches
+    with tqdm(data, total=total, desc=desc, unit="batch", disable=not show) as bar:
+        for n, batch in enumerate(bar):
+            if max_batches is not None and n >= max_batches:
+                break
+            yield _to_device(batch, device)
+
+
+def _accumulate(model: nn.Module, targets: list[tuple[str, nn.Module]], state: _Calibration, data: Iterable,
+                max_batches: int | None, show: bool) -> int:
+    """Run the batches with the hooks in place; returns the number of batches. Hooks and modes always restored."""
+    device = _model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    handles = []
     n_batches = 0
     try:
         model.eval()
         for name, module in targets:
             handles.append(module.register_forward_pre_hook(state.hook(name), with_kwargs=True))
-        with torch.no_grad(), tqdm(data, total=total, desc="calibrating", unit="batch", disable=not show) as bar:
-            for batch in bar:
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                batch = _to_device(batch, device)
+        with torch.no_grad():
+            for batch in iterate_batches(data, device, max_batches, show, "calibrating"):
                 state.start_batch(_token_mask(batch))
                 _run_batch(model, batch)
                 state.end_batch()
@@ -198,27 +188,22 @@ def _accumulate(model: nn.Module, targets: list[tuple[str, nn.Module]], state: _
     return n_batches
 
 
-def calibrate_modules(model: nn.Module, targets: list[tuple[str, nn.Module]], data: Iterable, *,
-                      normalize: bool = False, progress: bool = True,
-                      max_batches: int | None = None) -> dict[str, torch.Tensor]:
-    """:func:`calibrate` on already-resolved ``(name, module)`` targets (what :func:`~loranull_kernels.inject` calls)."""
+def distributed() -> bool:
     import torch.distributed as dist
 
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    distributed = dist.is_available() and dist.is_initialized()
-    state = _Calibration(targets, normalize)
-    show = progress and not (distributed and dist.get_rank() != 0)
-    if not distributed:
-        if _accumulate(model, targets, state, data, max_batches, show) == 0:
-            raise ValueError("calibration data is empty: it yielded no batch")
-        return state.results()
-    # Every rank must reach the collectives below, even when its own batches failed: otherwise the other ranks
-    # would wait forever. So a local error is shared first, then raised on every rank.
-    error = None
+    return dist.is_available() and dist.is_initialized()
+
+
+def on_every_rank(fn):
+    """``fn()``; under torch.distributed, a failure on any rank is raised on every rank (after all of them ran ``fn``),
+    so that no rank waits forever in a later collective for one that failed."""
+    if not distributed():
+        return fn()
+    import torch.distributed as dist
+
+    error, result = None, None
     try:
-        _accumulate(model, targets, state, data, max_batches, show)
+        result = fn()
     except Exception as exc:
         error = exc
     failures: list = [None] * dist.get_world_size()
@@ -228,6 +213,33 @@ def calibrate_modules(model: nn.Module, targets: list[tuple[str, nn.Module]], da
     failed = [(rank, msg) for rank, msg in enumerate(failures) if msg is not None]
     if failed:
         raise RuntimeError(f"calibration failed on rank {failed[0][0]}: {failed[0][1]}")
+    return result
+
+
+def check_max_batches(max_batches) -> None:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+
+
+def calibrate_modules(model: nn.Module, targets: list[tuple[str, nn.Module]], data: Iterable, *,
+                      normalize: bool = False, progress: bool = True,
+                      max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`calibrate` in one pass on already-resolved ``(name, module)`` targets (what
+    :func:`~loranull_kernels.inject` calls)."""
+    import torch.distributed as dist
+
+    check_max_batches(max_batches)
+    state = _Calibration(targets, normalize)
+    multi = distributed()
+    show = progress and not (multi and dist.get_rank() != 0)
+    if not multi:
+        if _accumulate(model, targets, state, data, max_batches, show) == 0:
+            raise ValueError("calibration data is empty: it yielded no batch")
+        return state.results()
+    # Every rank must reach the collectives below, even when its own batches failed: otherwise the other ranks
+    # would wait forever. So a local error is shared first, then raised on every rank.
+    on_every_rank(lambda: _accumulate(model, targets, state, data, max_batches, show))
     state.all_reduce()
     if not state.leader:
         raise ValueError("calibration data is empty: no batch on any rank")
@@ -236,7 +248,8 @@ def calibrate_modules(model: nn.Module, targets: list[tuple[str, nn.Module]], da
 
 def calibrate(model: nn.Module, data: Iterable, target_modules: str | Iterable[str] = "all-linear",
               exclude_modules: Iterable[str] = (), *, normalize: bool = False, progress: bool = True,
-              max_batches: int | None = None) -> dict[str, torch.Tensor]:
+              max_batches: int | None = None, calibration_mode: str = "one_pass",
+              offload: str | None = None) -> dict[str, torch.Tensor]:
     """Per-layer input covariances of ``model`` over the calibration ``data``.
 
     Runs ``model`` in eval mode under ``torch.no_grad`` (each module's train/eval mode is restored afterwards, and
@@ -256,6 +269,12 @@ def calibrate(model: nn.Module, data: Iterable, target_modules: str | Iterable[s
         normalize: divide each sample's activations by ``|max x|`` first (the LoRA-Null reference's option).
         progress: show a tqdm bar (rank 0 only under torch.distributed).
         max_batches: stop after this many batches.
+        calibration_mode: ``"one_pass"`` (default: hooks on the whole model, one forward pass per batch), or
+            ``"sequential"`` / ``"auto"``: block by block (:func:`loranull_kernels.calibrate_sequential.calibrate_blocks`),
+            the same statistics up to float32 rounding. Block by block saves memory only inside
+            :func:`~loranull_kernels.inject`, which turns each block's covariances into adapters and frees them;
+            here every covariance is returned, so one pass is the cheaper way.
+        offload: ``None`` or ``"cpu"`` (sequential mode: keep the calibration set's hidden states on the CPU).
 
     Returns:
         ``{module name: C}``, C the (in, in) float32 per-token mean ``Σ_t x_t x_tᵀ / n_tokens`` on the layer's
@@ -268,5 +287,13 @@ def calibrate(model: nn.Module, data: Iterable, target_modules: str | Iterable[s
             (:class:`~loranull_kernels.covariance.NonFiniteCalibrationError`, naming the layer), no module matched.
         TypeError: a batch of another type.
     """
+    from .calibrate_sequential import calibrate_blocks, resolve_mode
+
     targets = find_targets(model, target_modules, exclude_modules, adapted=True)
-    return calibrate_modules(model, targets, data, normalize=normalize, progress=progress, max_batches=max_batches)
+    stack = resolve_mode(model, targets, calibration_mode, offload)
+    if stack is None:
+        return calibrate_modules(model, targets, data, normalize=normalize, progress=progress, max_batches=max_batches)
+    out: dict[str, torch.Tensor] = {}
+    calibrate_blocks(model, targets, data, stack, lambda name, block_targets, covs: out.update(covs),
+                     normalize=normalize, progress=progress, max_batches=max_batches, offload=offload)
+    return {name: out[name] for name, _ in targets}

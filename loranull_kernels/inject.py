@@ -29,14 +29,15 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], r: int) -> None:
 
 
 def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
-                    make_layer: Callable[[str, nn.Linear], LoRALinear]) -> nn.Module:
-    """Freeze every parameter of ``model``, then swap each ``(name, module)`` target for ``make_layer(name, linear)``
+                    make_layer: Callable[[str, nn.Linear], LoRALinear], freeze: bool = True) -> nn.Module:
+    """Freeze every parameter of ``model`` (unless ``freeze=False``), then swap each ``(name, module)`` target for ``make_layer(name, linear)``
     (``linear``: the target as an ``nn.Linear``, Conv1D transposed). Layers that came from a Conv1D get
     ``fan_in_fan_out = True`` (PEFT's name for that layout) so exports can say so.
 
     Layers are swapped one at a time, so peak memory grows by one layer, not by every targeted weight."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
     for name, module in targets:
         layer = make_layer(name, as_linear(module))
         layer.fan_in_fan_out = is_conv1d(module)
@@ -46,8 +47,52 @@ def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
     return model
 
 
+def _calibrate_and_replace(model, config, targets, data, make_layer, covariances, mode, offload, kwargs) -> None:
+    """Calibrate (one pass or block by block) and swap each group of targets as soon as its covariances are known."""
+    from . import calibration_memory
+    from .calibrate import calibrate_modules
+    from .calibrate_sequential import calibrate_blocks, resolve_mode, split_targets
+    from .methods.lora_null import solve_null_spaces
+    from .nullspace import precomputed
+
+    if data is None:
+        raise ValueError(f"method {config.method!r} needs activation statistics: pass calibration_data "
+                         "(an iterable of batches) to inject")
+    stack = resolve_mode(model, targets, mode, offload)
+    per_block, outside = split_targets(stack, targets) if stack is not None else (None, None)
+    calibration_memory.check(targets, per_block, outside)
+    kwargs.setdefault("normalize", config.normalize_calibration)
+    show = kwargs.get("progress", True)
+    frozen = []
+    k = config.null_dim or config.r
+
+    def adapt(group_name: str, group: list, covs: dict) -> str | None:
+        if not frozen:  # once, before the first adapter exists (later calls must not freeze earlier adapters)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            frozen.append(True)
+        note = None
+        solved = []
+        if config.method == "lora_null":
+            dtype = torch.float64 if any(m.weight.dtype == torch.float64 for _, m in group) else torch.float32
+            solved, note = solve_null_spaces(covs.values(), k, dtype)
+        covariances.update(covs)
+        with precomputed(solved):
+            replace_targets(model, group, make_layer, freeze=False)
+        for name, _ in group:  # the adapters hold what they need: free the block's covariances now
+            covariances.pop(name, None)
+        return note
+
+    if stack is None:
+        note = adapt("model", targets, calibrate_modules(model, targets, data, **kwargs))
+        if show and note:
+            print(f"calibration: {note}")
+    else:
+        calibrate_blocks(model, targets, data, stack, adapt, offload=offload, **kwargs)
+
+
 def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, penalty_hooks: bool = True,
-           **calibrate_kwargs) -> nn.Module:
+           calibration_mode: str = "auto", offload: str | None = None, **calibrate_kwargs) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by adapters, in place, and freeze everything else.
 
     Targets follow ``config.target_modules`` / ``config.exclude_modules`` (see
@@ -62,6 +107,17 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
     and ``**calibrate_kwargs`` (``progress``, ``max_batches``). With ``config.init_seed`` set, one generator seeded
     with it draws every layer's random init in module order: reproducible, and different from layer to layer.
 
+    Calibration modes (``calibration_mode``): ``"sequential"`` calibrates block by block
+    (:mod:`loranull_kernels.calibrate_sequential`): the inputs of the model's block stack (found generically: an
+    ``nn.ModuleList`` of same-class blocks) are captured once, each block then runs alone, its covariances become
+    its adapters (same-shape null spaces solved in one batched call, shared inputs solved once) and are freed
+    before the next block: one block's covariances in memory instead of the whole model's, and the same adapters up
+    to float32 rounding. ``offload="cpu"`` keeps the calibration set's hidden states on the CPU. ``"one_pass"``:
+    every covariance at once. ``"auto"`` (default): sequential whenever a block stack holds targeted layers. The
+    progress output (``progress=True``) shows each block and which null-space solver ``"auto"`` picked. Before
+    any work, the covariances' memory is estimated and a :class:`~loranull_kernels.calibration_memory.CalibrationMemoryError`
+    (a MemoryError) raised, with the way out, when a device cannot hold them.
+
     ``penalty_hooks`` (default True): the regularisers' gradients (KaSA, LaLoRA) are added at every optimiser step
     by :func:`loranull_kernels.regularize.enable_penalty_hooks`, so no loss code is needed; False leaves them to
     ``loss + lk.regularization_loss(model)``.
@@ -74,28 +130,21 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
         ValueError: no module matched (candidates listed), r larger than some targeted layer (named), missing
             calibration data for a calibrated method, or a model that already holds adapters.
         TypeError: ``config`` is not an AdapterConfig, or an explicitly targeted module is not linear.
+        CalibrationMemoryError: the covariances held at once would exceed a device's free memory.
 
-    These are all raised before the model is touched. An initialiser failing afterwards (e.g. a non-finite weight
-    in an SVD) leaves the layers before it adapted: start again from a fresh copy of the model.
+    These are all raised before the model is touched. A failure afterwards (an initialiser on a non-finite weight;
+    in sequential mode also a calibration error in a later block, e.g. non-finite activations) leaves the layers
+    before it adapted: start again from a fresh copy of the model.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     config.validate()
     _check_fresh(model)
+    from .calibrate_sequential import check_options
+
+    check_options(calibration_mode, offload)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config.r)
-    covariances = {}
-    if config.needs_calibration:
-        if calibration_data is None:
-            raise ValueError(f"method {config.method!r} needs activation statistics: pass calibration_data "
-                             "(an iterable of batches) to inject")
-        from .calibrate import calibrate_modules
-
-        calibrate_kwargs.setdefault("normalize", config.normalize_calibration)
-        covariances = calibrate_modules(model, targets, calibration_data, **calibrate_kwargs)
-    elif calibration_data is not None:
-        warnings.warn(f"calibration_data is ignored: method {config.method!r} does not use activation statistics",
-                      stacklevel=2)
     generators: dict[torch.device, torch.Generator] = {}
 
     def make_layer(name: str, linear: nn.Linear) -> LoRALinear:
@@ -107,7 +156,15 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
             gen = generators[dev]
         return LoRALinear.from_linear(linear, config=config, covariance=covariances.get(name), generator=gen)
 
-    replace_targets(model, targets, make_layer)
+    covariances: dict[str, torch.Tensor] = {}
+    if not config.needs_calibration:
+        if calibration_data is not None:
+            warnings.warn(f"calibration_data is ignored: method {config.method!r} does not use activation statistics",
+                          stacklevel=2)
+        replace_targets(model, targets, make_layer)
+    else:
+        _calibrate_and_replace(model, config, targets, calibration_data, make_layer, covariances, calibration_mode,
+                               offload, calibrate_kwargs)
     if penalty_hooks:
         from .regularize import enable_penalty_hooks
 

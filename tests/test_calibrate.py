@@ -25,6 +25,24 @@ def _torch_backend():
         yield
 
 
+@pytest.fixture(params=["one_pass", "sequential"])
+def mode(request):
+    """Both calibration modes: block by block must give the one-pass statistics (tests/test_calibrate_sequential.py
+    has the rest of the sequential tests)."""
+    return request.param
+
+
+def recorded_inputs(model, module_type, data):
+    """The inputs of every ``module_type`` layer over ``data``, from plain forward passes (recorded apart from
+    calibration: the sequential mode runs some layers more than once)."""
+    records, remove = capture_inputs(model, module_type)
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+    remove()
+    return records
+
+
 def reference(records, masks=None, normalize=False):
     """Σ x̃ᵀx̃ / n_tokens in float64 from captured inputs (one tensor per batch), padding removed by ``masks``."""
     out = {}
@@ -42,7 +60,7 @@ def reference(records, masks=None, normalize=False):
     return out
 
 
-def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeypatch):
+def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeypatch, mode):
     created, updates = [], []
 
     class Counting(CovarianceAccumulator):
@@ -55,9 +73,8 @@ def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeyp
     monkeypatch.setattr(covariance_module, "covariance_update", lambda *a: updates.append(1) or real_update(*a))
     model = tiny_model("llama")
     data = token_batches(3, seed=1)
-    records, remove = capture_inputs(model, torch.nn.Linear)
-    covs = calibrate(model, data, progress=False)
-    remove()
+    records = recorded_inputs(model, torch.nn.Linear, data)
+    covs = calibrate(model, data, progress=False, calibration_mode=mode)
     assert len(created) == 8 and len(updates) == 8 * 3, "q/k/v and gate/up are accumulated once per layer"
     assert set(covs) == {f"model.layers.{i}.{n}" for i in (0, 1) for group in LLAMA_SHARED for n in group}
     for i in (0, 1):
@@ -71,7 +88,7 @@ def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeyp
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_padding_is_masked_through_the_attention_mask(kind):
+def test_padding_is_masked_through_the_attention_mask(kind, mode):
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(4)
     lengths = [12, 7, 4]
@@ -80,7 +97,7 @@ def test_padding_is_masked_through_the_attention_mask(kind):
     mask = torch.zeros(len(seqs), 12, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    padded = calibrate(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    padded = calibrate(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, calibration_mode=mode)
     alone = calibrate(model, [{"input_ids": s[None]} for s in seqs], progress=False)
     assert set(padded) == set(alone)
     for name in padded:
@@ -90,13 +107,13 @@ def test_padding_is_masked_through_the_attention_mask(kind):
     assert (unmasked[name] - alone[name]).abs().max() > 1e-3, "without the mask the padding would count"
 
 
-def test_normalize_option_divides_each_sample_by_its_abs_max():
+def test_normalize_option_divides_each_sample_by_its_abs_max(mode):
     model = tiny_model("llama")
     data = token_batches(2, batch=3, seq=8, seed=2)
     data[1]["attention_mask"][0, 5:] = 0  # the max is taken over kept tokens only
-    records, remove = capture_inputs(model, torch.nn.Linear)
-    covs = calibrate(model, data, target_modules=["q_proj", "down_proj"], normalize=True, progress=False)
-    remove()
+    records = recorded_inputs(model, torch.nn.Linear, data)
+    covs = calibrate(model, data, target_modules=["q_proj", "down_proj"], normalize=True, progress=False,
+                     calibration_mode=mode)
     ref = reference({n: records[n] for n in covs}, masks=[b["attention_mask"].bool() for b in data], normalize=True)
     plain = calibrate(model, data, target_modules=["q_proj", "down_proj"], progress=False)
     for name in covs:
@@ -141,47 +158,46 @@ def test_hooks_run_the_triton_covariance_kernel_when_selected(monkeypatch):
         assert_close(fused[name], C, torch.float32, name, tol=1e-5)
 
 
-def test_gpt2_conv1d_inputs_are_calibrated():
+def test_gpt2_conv1d_inputs_are_calibrated(mode):
     from transformers.pytorch_utils import Conv1D
 
     model = tiny_model("gpt2")
     data = token_batches(2, seed=6)
-    records, remove = capture_inputs(model, Conv1D)
-    covs = calibrate(model, data, progress=False)
-    remove()
+    records = recorded_inputs(model, Conv1D, data)
+    covs = calibrate(model, data, progress=False, calibration_mode=mode)
     assert set(covs) == set(records) and "lm_head" not in covs
     ref = reference(records)
     for name, C in covs.items():
         assert_close(C, ref[name], torch.float32, name, tol=1e-5)
 
 
-def test_eval_mode_and_no_grad_during_calibration_then_restored():
+def test_eval_mode_and_no_grad_during_calibration_then_restored(mode):
     model = tiny_model("llama").train()
     model.model.layers[1].eval()  # a mixed state must come back as it was
     seen = []
     q = model.model.layers[0].self_attn.q_proj
     handle = q.register_forward_pre_hook(lambda m, a: seen.append((model.training, m.training, torch.is_grad_enabled())))
-    calibrate(model, token_batches(1), progress=False)
+    calibrate(model, token_batches(1), progress=False, calibration_mode=mode)
     handle.remove()
-    assert seen == [(False, False, False)]
+    assert seen and all(s == (False, False, False) for s in seen)  # sequential mode runs q twice
     assert model.training and q.training and not model.model.layers[1].training
     assert all(not m._forward_pre_hooks for m in model.modules()), "calibration hooks removed"
 
 
-def test_errors_empty_data_non_finite_activations_no_target():
+def test_errors_empty_data_non_finite_activations_no_target(mode):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="empty"):
-        calibrate(model, [], progress=False)
+        calibrate(model, [], progress=False, calibration_mode=mode)
     only_padding = token_batches(1)
     only_padding[0]["attention_mask"].zero_()
     with pytest.raises(ValueError, match="empty calibration set"):
-        calibrate(model, only_padding, progress=False)
+        calibrate(model, only_padding, progress=False, calibration_mode=mode)
     with torch.no_grad():
         model.model.embed_tokens.weight[5] = float("inf")
     bad = {"input_ids": torch.full((1, 6), 5), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     model.train()
     with pytest.raises(NonFiniteCalibrationError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        calibrate(model, [bad], progress=False)
+        calibrate(model, [bad], progress=False, calibration_mode=mode)
     assert all(not m._forward_pre_hooks for m in model.modules()), "hooks removed after an error"
     assert model.training, "mode restored after an error"
     with pytest.raises(ValueError, match="no module matched"):

@@ -17,10 +17,45 @@ from .base import AdapterInit, Method, split_singular
 
 
 def null_basis(covariance: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Orthonormal basis (in × k) of the k smallest eigenvectors of a symmetric covariance, in ``dtype``."""
+    """Orthonormal basis (in × k) of the k smallest eigenvectors of a symmetric covariance, in ``dtype``
+    (:func:`~loranull_kernels.nullspace.smallest_eigenvectors`, ``method="auto"``; a basis computed ahead by
+    :func:`solve_null_spaces` under :class:`~loranull_kernels.nullspace.precomputed` is reused)."""
     from ..nullspace import smallest_eigenvectors
 
     return smallest_eigenvectors(covariance, k, dtype=dtype)[1]  # (eigenvalues, vectors): keep the vectors
+
+
+# Same-shape covariances solved per batched call: bounds the stacked copy (and its float64 workspace) to this many.
+MAX_BATCH = 8
+
+
+def solve_null_spaces(covariances, k: int, dtype: torch.dtype) -> tuple[list, str]:
+    """The k smallest eigenpairs of every distinct covariance (by identity: q/k/v's shared tensor is solved once),
+    same-shape ones stacked into batched calls of at most :data:`MAX_BATCH`.
+
+    Args:
+        covariances: iterable of (in, in) tensors (repeats allowed). k: null-space dimension. dtype: float32 or
+            float64, as :func:`~loranull_kernels.nullspace.smallest_eigenvectors`.
+    Returns:
+        ``(solved, note)``: ``[(C, values (k,), Q (in, k))]`` for :class:`~loranull_kernels.nullspace.precomputed`,
+        and a one-line summary of the solver "auto" picked per size (for progress output), e.g.
+        ``"null space: randomized ×3 (n=4096), eigh ×1 (n=64)"``.
+    """
+    from ..nullspace import pick_method, smallest_eigenvectors
+
+    distinct = list({id(C): C for C in covariances}.values())
+    groups: dict[tuple, list] = {}
+    for C in distinct:
+        groups.setdefault((tuple(C.shape), C.device), []).append(C)
+    solved, parts = [], []
+    for (shape, _), Cs in sorted(groups.items(), key=lambda g: g[0][0]):
+        n = shape[-1]
+        parts.append(f"{pick_method(n, k)} ×{len(Cs)} (n={n})")
+        for i in range(0, len(Cs), MAX_BATCH):
+            chunk = Cs[i:i + MAX_BATCH]
+            values, Q = smallest_eigenvectors(torch.stack(chunk), k, dtype=dtype)
+            solved += [(C, values[j], Q[j]) for j, C in enumerate(chunk)]
+    return solved, "null space: " + ", ".join(parts)
 
 
 def initialize(weight, r, scaling, config, covariance=None, generator=None) -> AdapterInit:

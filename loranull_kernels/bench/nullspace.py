@@ -1,0 +1,139 @@
+"""Null-space solver benchmark (issue 14): ``smallest_eigenvectors`` by eigh vs by randomized subspace iteration.
+
+1. ``leak``: a float32-accumulated covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales
+   ``i^-1`` under a random rotation: eigenvalues from 1 down to 1/n²); the k smallest
+   eigenvectors by both methods, timed side by side in one process (the machine's load hits both alike), and the
+   held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
+2. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
+   the principal angles between the two subspaces.
+
+Run ``python -m loranull_kernels.bench.nullspace [--sizes 2048:16 4096:128] [--milora 4096x1024:16]``; writes
+``nullspace_{device}.csv`` (``--out-dir benchmarks/results`` for the committed copy) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from .. import nullspace
+from ..ops.covariance import covariance_update
+from . import harness
+
+
+def heavy_tailed_activations(n: int, tokens: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration and held-out activations ``(tokens, n)`` float32 sharing one rotated ``i^-1`` feature spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    R = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+    scales = 1.0 / torch.arange(1, n + 1, dtype=torch.float32)
+    draw = lambda: ((torch.randn(tokens, n, generator=g) * scales) @ R.t()).to(device)  # noqa: E731
+    return draw(), draw()
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0) -> list[dict]:
+    X, held = heavy_tailed_activations(n, tokens, seed, device)
+    C = torch.zeros(n, n, device=device)
+    for chunk in X.split(1024):  # float32 accumulation, as calibration does it
+        covariance_update(C, chunk)
+    C /= tokens
+    del X
+    rows = []
+    g = torch.Generator().manual_seed(seed + 1)
+    random_A = torch.randn(k, n, generator=g).to(device)
+    base = dict(bench="leak", n=n, k=k, tokens=tokens, random_leak=nullspace.leak(held, random_A))
+    results = {}
+    for method in ("randomized", "eigh"):  # randomized first: eigh's 100 s would otherwise warm the cache for it
+        (values, Q), seconds = _timed(lambda: nullspace.smallest_eigenvectors(C, k, method=method))
+        results[method] = (seconds, nullspace.leak(held, Q.t()), values)
+    eig_s, eig_leak, eig_vals = results["eigh"]
+    for method, (seconds, lk_, values) in results.items():
+        rows.append({**base, "method": method, "seconds": seconds, "speedup_vs_eigh": eig_s / seconds,
+                     "leak": lk_, "leak_vs_eigh": lk_ / eig_leak,
+                     "max_rel_eigenvalue_err": ((values.double() - eig_vals.double()).abs()
+                                                / eig_vals.double().abs().clamp_min(1e-30)).max().item()})
+    return rows
+
+
+def principal_angles_deg(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between the column spans of orthonormal Q1, Q2 (n, r)."""
+    s = torch.linalg.svdvals(Q1.double().t() @ Q2.double()).clamp(max=1.0)
+    return torch.rad2deg(torch.arccos(s)).flip(0)
+
+
+def bench_milora(out_f: int, in_f: int, r: int, device, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(device)
+    (exact, exact_s) = _timed(lambda: nullspace.minor_singular_components(W, r, method="eigh"))
+    (fast, fast_s) = _timed(lambda: nullspace.minor_singular_components(W, r, method="randomized"))
+    angles = principal_angles_deg(exact[2].t(), fast[2].t())
+    s_err = ((fast[1].double() - exact[1].double()).abs() / exact[1].double()).max().item()
+    base = dict(bench="milora", n=min(out_f, in_f), k=r, shape=f"{out_f}x{in_f}")
+    return [{**base, "method": "svd", "seconds": exact_s, "speedup_vs_eigh": 1.0},
+            {**base, "method": "randomized", "seconds": fast_s, "speedup_vs_eigh": exact_s / fast_s,
+             "max_angle_deg": angles.max().item(), "median_angle_deg": angles.median().item(),
+             "max_rel_singular_value_err": s_err,
+             # ‖W V‖² over the exact minor subspace's: 1 when the found subspace holds as little of W
+             "minor_energy_ratio": ((W.double() @ fast[2].t().double()).norm() ** 2
+                                    / (W.double() @ exact[2].t().double()).norm() ** 2).item()}]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| bench | n | k | method | seconds | × eigh | leak | leak / eigh's | random leak | angles (max / median °) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        angles = f"{r['max_angle_deg']:.2f} / {r['median_angle_deg']:.2f}" if "max_angle_deg" in r else ""
+        leak = f"{r['leak']:.3e}" if "leak" in r else ""
+        ratio = f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else ""
+        rnd = f"{r['random_leak']:.2e}" if "random_leak" in r else ""
+        lines.append(f"| {r['bench']} | {r.get('shape', r['n'])} | {r['k']} | {r['method']} | {r['seconds']:.2f} | "
+                     f"{r['speedup_vs_eigh']:.1f} | {leak} | {ratio} | {rnd} | {angles} |")
+    return "\n".join(lines)
+
+
+def _pair(text: str, sep: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace(sep, ":").split(":"))
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="bench_nullspace", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["2048:16", "4096:128"], help="n:k pairs of the leak bench")
+    parser.add_argument("--tokens", type=int, default=8192, help="calibration (and held-out) tokens")
+    parser.add_argument("--milora", nargs="*", default=["4096x1024:16"], help="OUTxIN:r shapes of the MiLoRA bench")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--name", default="nullspace")
+    parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
+                        "results live in benchmarks/results)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[dict] = []
+    warm = torch.eye(300, device=device) + 0.01  # first-call overheads (thread pools, LAPACK init) out of the timings
+    for method in ("randomized", "eigh"):
+        nullspace.smallest_eigenvectors(warm, 8, method=method)
+    for spec in args.sizes:
+        n, k = _pair(spec, ":")
+        rows += bench_leak(n, k, args.tokens, device)
+        print(markdown(rows[-2:]), flush=True)
+    for spec in args.milora:
+        out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
+        rows += bench_milora(out_f, in_f, r, device)
+        print(markdown(rows[-2:]), flush=True)
+    path = harness.write_csv(rows, harness.results_path(args.name, "csv", device, out_dir=args.out_dir), device)
+    env = harness.environment(device)
+    print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}; threads {torch.get_num_threads()}\n")
+    print(markdown(rows))
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
