@@ -24,6 +24,8 @@ _OUTSIDE = re.compile("|".join(re.escape(s) for s in (
     "../" + "shared", "DESIGN" + ".md", "METHODS" + ".md", "PERFORMANCE" + ".md")))
 _DOCS_REF = re.compile(r"docs/([A-Za-z0-9_.-]+\.md)(?:#([A-Za-z0-9_-]+))?")
 _MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_SOURCE_PATH = re.compile(r"(?<![\w./*-])((?:[\w-]+/)*[\w-]+\.py)\b")  # a file path named in the docs (no globs)
+_API_NAME = re.compile(r"\blk\.([A-Za-z_][\w.]*\w)")  # lk.<name>[.<name>...] named in the docs
 
 
 def _files() -> list[Path]:
@@ -63,6 +65,10 @@ def _docs_references(text: str) -> list[tuple[str, str | None]]:
     return [(m.group(1), m.group(2)) for m in _DOCS_REF.finditer(text)]
 
 
+def _docs_text() -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md"))}
+
+
 def test_patterns_catch_what_they_should():
     # The scanners themselves: a planted outside pointer is found, names that merely contain the words are not.
     planted = "see ../" + "shared/" + "PERFORMANCE" + ".md and " + "DESIGN" + ".md"
@@ -71,6 +77,10 @@ def test_patterns_catch_what_they_should():
     assert _docs_references("(docs/methods.md#kasa), docs/design.md.") == [("methods.md", "kasa"), ("design.md", None)]
     assert _slug(" The torch backend of lora_linear") == "the-torch-backend-of-lora_linear"
     assert _slug("Dropout and the seed contract") == "dropout-and-the-seed-contract"
+    assert _SOURCE_PATH.findall("`ops/rsvd_torch.py`, `methods/*.py`, setup.py, ../README.md") == \
+        ["ops/rsvd_torch.py", "setup.py"]
+    assert _API_NAME.findall("lk.inject(model, ...); lk.integrations.peft.patch(m).") == \
+        ["inject", "integrations.peft.patch"]
 
 
 def test_docs_pages_exist():
@@ -115,3 +125,28 @@ def test_links_between_docs_pages_resolve(page):
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(f"{target}: no section #{anchor} in {resolved.name}")
     assert not broken, f"docs/{page}: " + "; ".join(broken)
+
+
+def test_files_named_in_docs_exist():
+    # The design page names the files that hold each concept: a rename must update it. Paths are relative to the
+    # repository root or to the package.
+    missing = sorted({f"docs/{page}: {path}"
+                      for page, text in _docs_text().items()
+                      for path in _SOURCE_PATH.findall(text)
+                      if not (ROOT / path).exists() and not (ROOT / "loranull_kernels" / path).exists()})
+    assert not missing, "files named in docs/ that do not exist:\n" + "\n".join(missing)
+
+
+def test_api_names_in_docs_exist():
+    import loranull_kernels as lk
+
+    missing = []
+    for page, text in _docs_text().items():
+        for name in sorted(set(_API_NAME.findall(text))):
+            obj = lk
+            try:
+                for part in name.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                missing.append(f"docs/{page}: lk.{name}")
+    assert not missing, "public names used in docs/ that the package does not have:\n" + "\n".join(missing)
