@@ -93,10 +93,13 @@ def after_step(layer, step: int, config, module_name: str = "") -> float:
         for name, p in (("mask_A", A), ("mask_B", B)):
             if p is not None and getattr(layer, name) is None:
                 setattr(layer, name, torch.ones(p.shape, dtype=torch.bool, device=p.device))
-    rose_prune_(layer.rose_updates, config.rose_ema,
-                _state(A, layer.rose_imp_A, layer.mask_A), _state(B, layer.rose_imp_B, layer.mask_B),
+    state_A, state_B = _state(A, layer.rose_imp_A, layer.mask_A), _state(B, layer.rose_imp_B, layer.mask_B)
+    rose_prune_(layer.rose_updates, config.rose_ema, state_A, state_B,
                 n_prune_A=n_pruned(layer.in_features, tau), n_prune_B=n_pruned(layer.out_features, tau),
                 prune=prune, clamp=config.rose_clamp if prune else None)
+    for p, state in ((A, state_A), (B, state_B)):
+        if p is not None and _is_dtensor(p):
+            _write_shard(p, state.param)
     layer.rose_updates += 1
     return tau
 
@@ -106,4 +109,22 @@ def _state(p, importance, mask):
         return None
     if mask is None:  # before the first pruning step nothing writes the mask: a throwaway stands in
         mask = torch.empty(p.shape, dtype=torch.bool, device=p.device)
-    return RoseTensors(p.data, p.grad, importance, mask)
+    return RoseTensors(_whole(p.data), _whole(p.grad), importance, mask)
+
+
+# FSDP2 (fully_shard) keeps parameters and gradients as sharded DTensors between forward passes, while the
+# per-row / per-column top-k needs whole lines: a sharded factor is all-gathered (every rank then computes the same
+# masks and importance, which stay whole, replicated buffers) and its updated values written back shard by shard.
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _whole(t):
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _write_shard(p, whole: torch.Tensor) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():  # every rank holds the same `whole`: each keeps its own shard, no communication
+        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
