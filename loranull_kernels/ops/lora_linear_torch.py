@@ -2,7 +2,8 @@
 
 Arrangement (x: (M, K), W: (N, K), A: (r, K), B: (N, r); every M × N / M × K tensor is written once):
 
-forward   H  = drop(x) Aᵀ                         skinny GEMM (+ sparse dropout correction), kept for backward
+forward   H  = drop(x) Aᵀ                         skinny GEMM (+ sparse dropout correction; above p = 0.5 the kept
+                                                  entries directly), kept for backward
           Y  = (s·H⊙d) Bᵀ + bias;  Y += x Wᵀ       the big GEMM accumulates into the low-rank product (addmm_)
 backward  dG = s · dY B                           once, shared by dX and dA
           dB = s · dYᵀ (H⊙d)
@@ -33,6 +34,16 @@ def _dropped(seed: torch.Tensor, n_rows: int, n_cols: int, p: float, device: tor
     return sparse_dropout.dropped_entries(int(seed), n_rows, n_cols, p, device)
 
 
+# Above this p most entries are dropped: ``x Aᵀ − S Aᵀ`` would subtract two nearly equal products (all inputs
+# dropped at p = 0.9999 left 3e-2 instead of 0), so the kept entries are multiplied directly (a masked copy of x).
+_DENSE_ABOVE = 0.5
+
+
+def _kept(x: torch.Tensor, dropped: sparse_dropout.Dropped) -> torch.Tensor:
+    """x with its dropped entries zeroed (a contiguous copy)."""
+    return sparse_dropout.zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -49,10 +60,15 @@ def forward(
     """Returns ``(y (M, N) in x.dtype, H = drop(x) Aᵀ (M, r) in the accumulation dtype)``."""
     cdt, adt = x.dtype, accumulation_dtype(x.dtype)
     A = _effective(lora_A, mask_A, cdt)
-    h = (x @ A.t()).to(adt)
-    if dropout_p > 0:
+    if dropout_p > _DENSE_ABOVE:
         dropped = _dropped(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        h = (_kept(x, dropped) @ A.t()).to(adt).mul_(1.0 / (1.0 - dropout_p))
+    elif dropout_p > 0:
+        dropped = _dropped(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        h = (x @ A.t()).to(adt)
         h.sub_(sparse_dropout.rows_product(dropped, x, A.to(adt))).mul_(1.0 / (1.0 - dropout_p))
+    else:
+        h = (x @ A.t()).to(adt)
     hd = h if rank_scale is None else h * rank_scale.to(adt)
     B = _effective(lora_B, mask_B, cdt)
     if bias is not None:
@@ -112,9 +128,12 @@ def backward(
                 sparse_dropout.zero_dropped_(dx, dropped)
             dx.addmm_(dy, weight)
         if need_dA:
-            dA_acc = (dH.t().to(cdt) @ x).to(adt)
-            if dropped is not None:
-                dA_acc.sub_(sparse_dropout.cols_product(dropped, x, dH).t())
+            if dropout_p > _DENSE_ABOVE:
+                dA_acc = (dH.t().to(cdt) @ _kept(x, dropped)).to(adt)
+            else:
+                dA_acc = (dH.t().to(cdt) @ x).to(adt)
+                if dropped is not None:
+                    dA_acc.sub_(sparse_dropout.cols_product(dropped, x, dH).t())
             if mask_A is not None:
                 dA_acc.mul_(mask_A)
             dA = dA_acc.to(lora_A.dtype)

@@ -60,3 +60,16 @@ def test_positions_are_sorted_distinct_and_in_range_for_large_matrices():
     assert int(d.flat.min()) >= 0 and int(d.flat.max()) < n
     assert bool((d.flat[1:] > d.flat[:-1]).all())
     assert torch.equal(d.rows * d.n_cols + d.cols, d.flat)
+
+
+def test_high_dropout_has_no_cancellation():
+    """At p = 0.9999 with every input dropped, ``(x Aᵀ − S Aᵀ)/(1 − p)`` left an adapter term of ~3e-2 instead of 0;
+    above p = 0.5 the kept entries are multiplied directly, exactly 0 here."""
+    x, W, B = torch.randn(8, 16), torch.randn(12, 16), torch.randn(12, 4)
+    A = torch.randn(4, 16, requires_grad=True)
+    seed = next(s for s in range(1000) if not sparse_dropout.keep_mask(s, 8, 16, 0.9999, CPU).any())
+    with lk.backend.use("torch"):
+        y = lk.lora_linear(x, W, A, B, 1.0, dropout_p=0.9999, seed=seed)
+    assert torch.equal(y, torch.addmm(torch.zeros(8, 12), x, W.t()))
+    y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))

@@ -35,7 +35,7 @@ def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3, 0.8])  # 0.8: the dense kept-entries path
 def test_torch_backend_every_argument_in_layout(layout, dropout_p, dtype):
     M, K, N, r = 11, 19, 13, 4
     leaves = {"x": torch.randn(M, K, dtype=dtype), "lora_A": torch.randn(r, K, dtype=dtype) / math.sqrt(K),
