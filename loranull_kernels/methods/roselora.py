@@ -17,7 +17,9 @@ new value). Masks are the layer's ``mask_A`` / ``mask_B`` buffers, which the fus
 loads them and to the gradients, so masked entries neither act nor learn whatever the optimiser's momentum does to
 the stored values; their importance decays from then on (zero gradient). Until the first pruning step the masks
 are None and the op runs unmasked. State, saved with the adapter: ``rose_imp_A`` (r, in) and ``rose_imp_B``
-(out, r) float32, ``rose_updates`` (0-dim int64).
+(out, r) float32, ``rose_updates`` (0-dim int64), registered when the layer is built (:func:`attach`, called by
+``LoRALinear.attach_pieces``) so a fresh model's ``state_dict`` has the keys of a trained one; the masks, None until
+the first pruning step, are adopted from a ``state_dict`` that has them.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def n_pruned(n: int, tau: float) -> int:
 
 def attach(layer, config=None) -> None:
     """Register the importance state on ``layer`` (zeros; idempotent): ``rose_imp_A``, ``rose_imp_B``,
-    ``rose_updates``. Masks stay None until the schedule first prunes."""
+    ``rose_updates``. Masks stay None until the schedule first prunes. Called at construction
+    (``LoRALinear.attach_pieces``) and again, harmlessly, at every step."""
     if getattr(layer, "rose_updates", None) is not None:
         return
     dev = layer.lora_A.device
