@@ -85,7 +85,7 @@ def forward(
 
     h = backend.empty(M, r, dtype=torch.float32, device=x.device)
     ma, s_mar, s_mak = _mask_args(mask_A, lora_A)
-    cfg = configs.config("down", x.device)
+    cfg = configs.config("down", x.device, x.dtype, has_dropout)
     launch = _launch_kw(cfg)
     kernels.lora_down_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         x, lora_A, ma, h, M, K, r,
@@ -97,7 +97,7 @@ def forward(
 
     y = backend.empty(M, N, dtype=x.dtype, device=x.device)
     mb, s_mbn, s_mbr = _mask_args(mask_B, lora_B)
-    cfg = configs.config("forward", x.device)
+    cfg = configs.config("forward", x.device, x.dtype)
     launch = _launch_kw(cfg)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     kernels.lora_forward_kernel[grid](
@@ -146,7 +146,7 @@ def backward(
     d_arg = h if rank_scale is None else rank_scale
 
     # --- one pass over dY: dG = s·dY B, and (if asked) dB and Σ dY ------------------------------------------
-    cfg = configs.config("dy", dev)
+    cfg = configs.config("dy", dev, dy.dtype)
     launch = _launch_kw(cfg)
     programs = triton.cdiv(M, cfg["BLOCK_M"])
     atomic = not torch.are_deterministic_algorithms_enabled()
@@ -172,7 +172,7 @@ def backward(
     dx = dy.new_empty(0)
     if need_dx:
         dx = backend.empty(M, K, dtype=dy.dtype, device=dev)
-        cfg = configs.config("dx", dev)
+        cfg = configs.config("dx", dev, dy.dtype, has_dropout)
         launch = _launch_kw(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
         kernels.lora_dx_kernel[grid](
@@ -186,7 +186,7 @@ def backward(
 
     dA = dy.new_empty(0)
     if need_dA:
-        cfg = configs.config("da", dev)
+        cfg = configs.config("da", dev, dy.dtype, has_dropout)
         launch = _launch_kw(cfg)
         block_m, block_k = cfg["BLOCK_M"], cfg["BLOCK_K"]
         k_blocks, m_blocks = triton.cdiv(K, block_k), triton.cdiv(M, block_m)
@@ -197,7 +197,7 @@ def backward(
         split = max(1, min(int(split), m_blocks))
         rows_per_split = triton.cdiv(m_blocks, split) * block_m
         split = triton.cdiv(M, rows_per_split)
-        da_acc = backend.empty(split, r, K, dtype=torch.float32, device=dev)
+        da_acc = backend.empty(split, K, r, dtype=torch.float32, device=dev)  # slabs of dAᵀ
         kernels.lora_da_kernel[(k_blocks, split)](
             x, dg, d_arg, ma, da_acc,
             M, K, r, rows_per_split, seed_v, dropout_p, keep_scale,
@@ -205,7 +205,7 @@ def backward(
             HAS_MASK_A=mask_A is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_DROPOUT=has_dropout,
             R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
         )
-        dA = (da_acc[0] if split == 1 else da_acc.sum(0)).to(lora_A.dtype)
+        dA = (da_acc[0] if split == 1 else da_acc.sum(0)).t().to(lora_A.dtype).contiguous()
     return dx, dA, dB, dd, dbias
 
 

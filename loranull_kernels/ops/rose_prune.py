@@ -78,6 +78,10 @@ def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _warps(block: int) -> int:
+    return min(32, max(4, block // 512))
+
+
 def _triton(count, ema, A, B, n_prune_A, n_prune_B, prune, clamp) -> None:
     some = A if A is not None else B
     dummy = RoseTensors(some.importance, some.importance, some.importance, some.mask)
@@ -87,8 +91,9 @@ def _triton(count, ema, A, B, n_prune_A, n_prune_B, prune, clamp) -> None:
     n_a = a.param.shape[1] if A is not None else 1
     n_b = b.param.shape[0] if B is not None else 1
     block_a, block_b = _block(n_a), _block(n_b)
-    # bool masks are written as bytes; a whole line lives in registers, so wide lines get more warps.
-    warps = 4 if max(block_a, block_b) <= 2048 else (8 if max(block_a, block_b) <= 8192 else 16)
+    # bool masks are written as bytes; a whole line lives in registers, so wide lines get more warps: at most 16
+    # entries a thread (32 spilled on sm_90, compile_check --report) up to 16384-long lines.
+    warps = _warps(max(block_a, block_b))
     ma, mb = a.mask.view(torch.uint8), b.mask.view(torch.uint8)
     _kernel()[(lines_a + lines_b,)](
         a.param, a.grad, a.importance, ma, b.param, b.grad, b.importance, mb, count,

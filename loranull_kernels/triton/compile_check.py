@@ -33,7 +33,7 @@ SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block 
 REFERENCE_SHAPE = dict(M=8192, K=4096, N=4096)  # the benchmark's reference layer (docs/performance.md)
 # (input dtype, adapter dtype, optional features on, rank): bf16/fp16 adapters, and fp32 adapters beside bf16 (PEFT).
 LORA_VARIANTS = [("bf16", "bf16", True, 16), ("bf16", "fp32", False, 64), ("fp16", "fp16", True, 32),
-                 ("fp32", "fp32", False, 16)]
+                 ("fp32", "fp32", True, 16), ("fp32", "fp32", False, 16)]
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8",
         "int32": "*i32", "int64": "*i64"}
 
@@ -102,8 +102,10 @@ class _Configs:
     def __init__(self, table: dict):
         self.table = table
 
-    def config(self, kernel, device):
-        cfg = dict(self.table[kernel])
+    def config(self, kernel, device, dtype=None, dropout=False):
+        from .configs import lookup
+
+        cfg = lookup(self.table, kernel, dtype, dropout)
         if cfg.get("SPLIT_M") == "auto":  # what "auto" gives on a 132-SM H100 at the reference shape
             cfg["SPLIT_M"] = max(1, (2 * 132) // -(-REFERENCE_SHAPE["K"] // cfg["BLOCK_K"]))
         return cfg
@@ -153,7 +155,7 @@ def _lora_tile(name: str, cx: dict) -> tuple:
     """The (m, n, k) of the GEMM each kernel's main loop computes."""
     dims = {"lora_down_kernel": ("BLOCK_M", "R_PAD", "BLOCK_K"), "lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "lora_dy_kernel": ("BLOCK_M", "R_PAD", "BLOCK_N"), "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-            "lora_da_kernel": ("R_PAD", "BLOCK_K", "BLOCK_M")}[name]
+            "lora_da_kernel": ("BLOCK_K", "R_PAD", "BLOCK_M")}[name]
     return tuple(cx[d] for d in dims)
 
 
@@ -218,7 +220,7 @@ def rose_prune_cases():
     short lines, and lines long enough to need 16 warps; pruning and clamping on and off."""
     import torch
 
-    from ..ops.rose_prune import _block
+    from ..ops.rose_prune import _block, _warps
     from .rose_prune import rose_prune_kernel as fn
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -227,7 +229,7 @@ def rose_prune_cases():
                                                 ("bf16", True, True, 16, 2048, 16), ("fp32", True, True, 8, 16384, 16384),
                                                 ("fp16", True, False, 64, 64, 8192)]:
         block_a, block_b = _block(n_in), _block(n_out)
-        warps = 4 if max(block_a, block_b) <= 2048 else (8 if max(block_a, block_b) <= 8192 else 16)
+        warps = _warps(max(block_a, block_b))
         a = lambda d=dt[dtype]: torch.empty(r, n_in, dtype=d, device="meta")  # noqa: E731
         b = lambda d=dt[dtype]: torch.empty(n_out, r, dtype=d, device="meta")  # noqa: E731
         args = dict(a_ptr=a(), ga_ptr=a(), ia_ptr=a(torch.float32), ma_ptr=a(torch.uint8),

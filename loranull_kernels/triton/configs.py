@@ -30,7 +30,14 @@ _DEFAULT = {
     "forward": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "da": dict(BLOCK_M=64, BLOCK_K=128, SPLIT_M="auto", num_warps=4, num_stages=3),
+    "da": dict(BLOCK_M=64, BLOCK_K=128, SPLIT_M="auto", num_warps=8, num_stages=3),
+    # Variants (``kernel:variant``), chosen by ``lookup``; each one removes a spill ptxas reported for sm_90
+    # (``compile_check --report``). Dropout: the Philox draw of a 128×128 dX tile (64 per thread) spilled.
+    "dx:dropout": dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # IEEE fp32 dots run on FMA units with both operands in registers: smaller K steps / tiles.
+    "forward:fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "dy:fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
+    "dx:fp32": dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 
 # Per-device tables, most specific name first. Add an entry only with measurements behind it.
@@ -47,8 +54,18 @@ def _table_for(device_name: str) -> dict[str, dict]:
     return TABLES["default"]
 
 
-def config(kernel: str, device: torch.device) -> dict:
-    """The launch configuration of ``kernel`` for tensors on ``device`` (a fresh dict the caller may edit)."""
+def lookup(table: dict, kernel: str, dtype: torch.dtype | None = None, dropout: bool = False) -> dict:
+    """``table``'s entry for ``kernel``: ``kernel:fp32`` for float32 inputs, else ``kernel:dropout`` with dropout,
+    when the table has one, else ``kernel`` (a fresh dict the caller may edit)."""
+    keys = ([f"{kernel}:fp32"] if dtype == torch.float32 else []) + ([f"{kernel}:dropout"] if dropout else [])
+    return dict(next((table[k] for k in keys if k in table), table[kernel]))
+
+
+def config(kernel: str, device: torch.device, dtype: torch.dtype | None = None, dropout: bool = False) -> dict:
+    """The launch configuration of ``kernel`` for ``dtype`` inputs on ``device`` (a fresh dict the caller may edit).
+
+    Keys of ``kernel``: "down", "forward", "dy", "dx", "da"; ``dropout``: whether the launch draws a dropout mask.
+    """
     if device.type != "cuda" or interpreting():
         return dict(_INTERPRETER[kernel])
-    return dict(_table_for(torch.cuda.get_device_name(device))[kernel])
+    return lookup(_table_for(torch.cuda.get_device_name(device)), kernel, dtype, dropout)

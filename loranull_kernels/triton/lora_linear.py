@@ -7,7 +7,7 @@ forward   ``lora_down_kernel``      H = drop(x) (A⊙mA)ᵀ                     
           ``lora_forward_kernel``   Y = (s·H⊙d)(B⊙mB)ᵀ + x Wᵀ + bias           accumulator starts at the low rank term
 backward  ``lora_dy_kernel``        dG = s·dY(B⊙mB),  dB = s·dYᵀ(H⊙d)⊙mB,  Σ dY    one pass over dY
           ``lora_dx_kernel``        dX = ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p) + dY W      accumulator starts at the low rank term
-          ``lora_da_kernel``        dA = ((dG⊙d)ᵀ drop(x)) ⊙ mA                  the one extra read of x, split over M
+          ``lora_da_kernel``        dAᵀ = (drop(x)ᵀ (dG⊙d)) ⊙ mAᵀ                the one extra read of x, split over M
 
 Dropout: ``keep = rand(seed, row·K + col) ≥ p`` (Philox, counter = the element's logical index), identical in the
 forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
@@ -212,8 +212,9 @@ def lora_da_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (k-block, split) reduces rows [split·rows_per_split, …) into slab ``split`` of da (R, K), fp32;
-    the slabs are summed afterwards (deterministic, unlike atomics)."""
+    """Program (k-block, split) reduces rows [split·rows_per_split, …) into slab ``split`` of dAᵀ (K, R), fp32;
+    the slabs are summed afterwards (deterministic, unlike atomics). dAᵀ = drop(x)ᵀ(dG⊙d) rather than dA: the MMA's
+    M dimension is then BLOCK_K (≥ 64, warp-group MMA on sm_90) instead of the rank (16 or 32: mma.sync only)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -222,7 +223,7 @@ def lora_da_kernel(
         d = tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < m_end
@@ -233,14 +234,14 @@ def lora_da_kernel(
         dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         if HAS_RANK_SCALE:
             dh = dh * d[None, :]
-        acc += tl.dot(tl.trans(dh.to(DOT_DTYPE)), xt.to(DOT_DTYPE), input_precision=PRECISION)
+        acc += tl.dot(tl.trans(xt.to(DOT_DTYPE)), dh.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    a_mask = (rr[:, None] < R) & (rk[None, :] < K)
+    a_mask = (rk[:, None] < K) & (rr[None, :] < R)
     if HAS_MASK_A:
-        keep_a = tl.load(ma_ptr + rr[:, None] * stride_mar + rk[None, :] * stride_mak, mask=a_mask, other=0)
+        keep_a = tl.load(ma_ptr + rr[None, :] * stride_mar + rk[:, None] * stride_mak, mask=a_mask, other=0)
         acc = tl.where(keep_a != 0, acc, 0.0)
-    tl.store(da_ptr + split * stride_dap + rr[:, None] * K + rk[None, :], acc, mask=a_mask)
+    tl.store(da_ptr + split * stride_dap + rk[:, None] * R + rr[None, :], acc, mask=a_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
