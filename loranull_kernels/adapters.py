@@ -287,8 +287,8 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
     try:
         with open(cfg_file, encoding="utf-8") as f:
             meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(cfg_file, f"invalid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _bad(cfg_file, f"invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise _bad(cfg_file, f"the JSON is a {type(meta).__name__}, expected an object")
     if meta.get("format") != FORMAT:
@@ -354,6 +354,8 @@ def _check_keys(weights_file: Path, meta: dict, cfg: AdapterConfig, tensors: dic
             t = tensors.get(f"{name}.{field}")
             if t is not None and (t.dtype != expected or not t.dtype.is_floating_point):
                 raise _bad(weights_file, f"{name}.{field} has dtype {t.dtype}; the adapter was saved in {expected}")
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise _bad(weights_file, f"{name}.{field} holds NaN or Inf")
         for field, ok, desc in (("mask_A", lambda d: d == torch.bool, "torch.bool"),
                                 ("mask_B", lambda d: d == torch.bool, "torch.bool"),
                                 ("base_fingerprint", lambda d: d == torch.float64, "torch.float64"),
@@ -361,6 +363,8 @@ def _check_keys(weights_file: Path, meta: dict, cfg: AdapterConfig, tensors: dic
             t = tensors.get(f"{name}.{field}")
             if t is not None and not ok(t.dtype):
                 raise _bad(weights_file, f"{name}.{field} has dtype {t.dtype}, expected {desc}")
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _bad(weights_file, f"{name}.{field} holds NaN or Inf")
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
@@ -381,7 +385,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch
     return meta, cfg, tensors
 
 
-def _check_saved_shapes(name: str, info: dict, cfg: AdapterConfig, tensors: dict) -> None:
+def _check_saved_shapes(file: Path, name: str, info: dict, cfg: AdapterConfig, tensors: dict) -> None:
     i, o, r = info["in_features"], info["out_features"], cfg.r
     expect = {"lora_A": (r, i), "lora_B": (o, r), "rank_scale": (r,), "mask_A": (r, i), "mask_B": (o, r),
               "lora_A0": (r, i), "lora_B0": (o, r), "bias": (o,), "base_fingerprint": (o,),
@@ -389,7 +393,8 @@ def _check_saved_shapes(name: str, info: dict, cfg: AdapterConfig, tensors: dict
     for field, shape in expect.items():
         t = tensors.get(f"{name}.{field}")
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"adapter file: {name}.{field} has shape {tuple(t.shape)}, expected {shape}")
+            raise _bad(file, f"{name}.{field} has shape {tuple(t.shape)}, expected {shape} (r={r}, "
+                             f"in={i}, out={o})")
 
 
 def _empty_layer(linear: nn.Linear, cfg: AdapterConfig, has_rank_scale: bool) -> LoRALinear:
@@ -464,7 +469,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules: dict[str, dict] = meta["modules"]
     has_rank_scale = {n: f"{n}.rank_scale" in tensors for n in modules}
     for name, info in modules.items():
-        _check_saved_shapes(name, info, cfg, tensors)
+        _check_saved_shapes(Path(path) / WEIGHTS_NAME, name, info, cfg, tensors)
     layers = dict(adapter_layers(model))
     if layers:
         missing, extra = sorted(set(modules) - set(layers)), sorted(set(layers) - set(modules))

@@ -207,6 +207,19 @@ def test_tensor_dtypes_other_than_saved_are_refused(saved, field, dtype):
     _assert_refused_untouched(saved, f"{Q}.{field} has dtype")
 
 
+@pytest.mark.parametrize("field", ["lora_B", "base_fingerprint"])
+def test_non_finite_tensors_are_refused(saved, field):
+    def poison(t):
+        t[f"{Q}.{field}"][0] = float("nan")
+    _rewrite_tensors(saved, poison)
+    _assert_refused_untouched(saved, f"{Q}.{field} holds NaN")
+
+
+def test_wrong_shapes_name_the_file_and_key(saved):
+    _rewrite_tensors(saved, lambda t: t.update({f"{Q}.lora_A": t[f"{Q}.lora_A"][:, :-1].contiguous()}))
+    _assert_refused_untouched(saved, rf"{adapters.WEIGHTS_NAME}: {Q}.lora_A has shape")
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda m: {k: v for k, v in m.items() if k != "modules"}, "'modules' is missing"),
     (lambda m: {k: v for k, v in m.items() if k != "config"}, "'config' is missing"),
@@ -226,14 +239,16 @@ def test_malformed_json_is_a_value_error_naming_file_and_key(saved, change, matc
         lk.load_adapter(tiny_model("llama"), saved)
 
 
-@pytest.mark.parametrize("damage", ["truncated JSON", "binary JSON", "truncated tensors", "empty tensors",
-                                    "huge header"])
+@pytest.mark.parametrize("damage", ["truncated JSON", "binary JSON", "deeply nested JSON", "truncated tensors",
+                                    "empty tensors", "huge header"])
 def test_damaged_files_are_value_errors_naming_the_file(saved, damage):
     cfg, weights = saved / adapters.CONFIG_NAME, saved / adapters.WEIGHTS_NAME
     if damage == "truncated JSON":
         cfg.write_text(cfg.read_text()[:40])
     elif damage == "binary JSON":
         cfg.write_bytes(b"\xff\xfe\x00{")
+    elif damage == "deeply nested JSON":  # json.load recurses: RecursionError, not a ValueError
+        cfg.write_text("[" * 100_000 + "]" * 100_000)
     elif damage == "truncated tensors":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "empty tensors":
