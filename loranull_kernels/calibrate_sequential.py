@@ -16,6 +16,7 @@ Peak extra memory: the covariances of one block, plus the calibration set's hidd
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -118,7 +119,7 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
                 if note:
                     bar.set_postfix_str(note, refresh=False)
                 if show and note:
-                    bar.write(f"block {i + 1}/{last_needed + 1} ({name}.{i}): {note}")
+                    bar.write(f"block {i + 1}/{last_needed + 1} ({name}.{i}): {note}", file=sys.stderr)
             bar.close()
             del inputs
     finally:

@@ -93,3 +93,96 @@ def test_null_space_adapter_leaks_far_less_than_a_random_one():
     random_A = torch.randn(r, n, dtype=torch.float64)
     assert nullspace.leak(isotropic, random_A) == pytest.approx(r / n, abs=0.03)
     assert nullspace.leak(held_out, Q.t()) < 1e-3 * nullspace.leak(held_out, random_A)
+
+
+# ---- the randomized solver (subspace iteration on C⁻¹) ----------------------------------------------------------
+
+def heavy_tailed(n, tokens, seed):
+    """Calibration and held-out activations sharing a rotated ``i^-1`` feature spectrum (float32, like calibration)."""
+    g = torch.Generator().manual_seed(seed)
+    R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    scales = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    draw = lambda: ((torch.randn(tokens, n, generator=g, dtype=torch.float64) * scales) @ R.t()).float()  # noqa: E731
+    return draw(), draw()
+
+
+def test_randomized_matches_eigh_on_a_gapped_spectrum_and_is_batched():
+    n, k = 200, 6
+    lam = torch.cat([torch.logspace(-7, -6, k, dtype=torch.float64), torch.logspace(-3, 0, n - k, dtype=torch.float64)])
+    C, V = known_covariance(n, lam)
+    C32 = C.float()  # the float32 rounding makes C indefinite near 1e-7 · ‖C‖: the ridge copes
+    values, Q = nullspace.smallest_eigenvectors(C32, k, method="randomized")
+    assert Q.shape == (n, k) and Q.dtype == torch.float32 and values.shape == (k,)
+    assert (Q.double().t() @ Q.double() - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-5
+    P_true = V[:, :k] @ V[:, :k].t()
+    assert (Q.double() @ Q.double().t() - P_true).abs().max() < 1e-2
+    assert torch.all(values[1:] >= values[:-1]) and values.max() < 1e-5
+    both_v, both_Q = nullspace.smallest_eigenvectors(torch.stack([C32, 3 * C32]), k, method="randomized")
+    assert both_Q.shape == (2, n, k)
+    assert torch.allclose(both_Q[0], Q, atol=1e-6), "a batch entry is solved as on its own (same seed)"
+    assert (both_v[1] - 3 * both_v[0]).abs().max() < 1e-7  # float32 rounding of C: ~eps · ‖C‖ = 6e-8
+
+
+def test_randomized_leak_within_1_1x_of_eigh_on_held_out_heavy_tailed_activations():
+    n, k = 256, 16
+    X, held = heavy_tailed(n, 1024, seed=3)
+    C = X.t() @ X / X.shape[0]
+    _, exact = nullspace.smallest_eigenvectors(C, k, method="eigh")
+    _, fast = nullspace.smallest_eigenvectors(C, k, method="randomized")
+    exact_leak, fast_leak = nullspace.leak(held, exact.t()), nullspace.leak(held, fast.t())
+    random_leak = nullspace.leak(held, torch.randn(k, n, generator=torch.Generator().manual_seed(0)))
+    assert fast_leak <= 1.1 * exact_leak and exact_leak < 1e-2 * random_leak
+
+
+def test_auto_picks_eigh_for_small_matrices_and_wide_sketches():
+    assert nullspace.pick_method(256, 8) == "eigh"
+    assert nullspace.pick_method(4096, 128) == "randomized"
+    assert nullspace.pick_method(4096, 1500) == "eigh"
+    C, _ = known_covariance(48, torch.linspace(0.1, 1, 48, dtype=torch.float64))
+    auto, eigh = nullspace.smallest_eigenvectors(C, 4), nullspace.smallest_eigenvectors(C, 4, method="eigh")
+    assert torch.equal(auto[1], eigh[1])
+
+
+def test_ridge_grows_until_the_factorisation_succeeds_and_far_from_psd_is_an_error():
+    C, _ = known_covariance(64, torch.cat([torch.full((4,), -1e-5), torch.ones(60)]).double())
+    values, Q = nullspace.smallest_eigenvectors(C, 4, method="randomized", dtype=torch.float64)
+    assert values.max() < 0 and Q.shape == (64, 4)  # Ritz values come from C itself, not the ridged copy
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        nullspace.smallest_eigenvectors(torch.diag(torch.cat([torch.tensor([-10.0]), torch.ones(63)])), 4,
+                                        method="randomized")
+    with pytest.raises(ValueError, match="tr"):
+        nullspace.smallest_eigenvectors(torch.zeros(64, 64), 4, method="randomized")
+    with pytest.raises(ValueError, match="method"):
+        nullspace.smallest_eigenvectors(torch.eye(64), 4, method="lanczos")
+
+
+def test_precomputed_bases_are_reused_by_identity_only():
+    C, _ = known_covariance(32, torch.linspace(0.1, 1, 32, dtype=torch.float64))
+    values, Q = torch.arange(8.0), torch.zeros(32, 8)
+    with nullspace.precomputed([(C, values, Q)]):
+        hit = nullspace.smallest_eigenvectors(C, 3)
+        miss = nullspace.smallest_eigenvectors(C.clone(), 3)
+        too_many = nullspace.smallest_eigenvectors(C, 9)
+    assert torch.equal(hit[0], values[:3]) and torch.equal(hit[1], Q[:, :3])
+    assert miss[1].abs().sum() > 0 and too_many[1].shape == (32, 9)
+    assert nullspace.smallest_eigenvectors(C, 3)[1].abs().sum() > 0, "nothing left behind after the block"
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_minor_singular_components_by_gram_and_randomized(shape):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64) / 15
+    U, S, Vh = nullspace.minor_singular_components(W, 5, method="randomized")
+    Ue, Se, Vhe = nullspace.minor_singular_components(W, 5, method="eigh")
+    assert U.shape == (shape[0], 5) and Vh.shape == (5, shape[1]) and torch.all(S[:-1] >= S[1:])
+    assert (S - Se).abs().max() < 1e-6 * Se.max()
+    assert torch.linalg.svdvals(Vh @ Vhe.t()).min() > 0.999  # principal angles ≈ 0
+    assert (U.t() @ U - torch.eye(5, dtype=torch.float64)).abs().max() < 1e-10
+
+
+def test_minor_singular_components_of_a_rank_deficient_weight():
+    W = torch.randn(120, 3, dtype=torch.float64) @ torch.randn(3, 100, dtype=torch.float64)
+    U, S, Vh = nullspace.minor_singular_components(W, 4, method="randomized")
+    assert S.abs().max() < 1e-10 and torch.isfinite(U).all()
+    assert (U.t() @ U - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-8
+    assert (W @ Vh.t()).abs().max() < 1e-10

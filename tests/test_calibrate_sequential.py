@@ -1,0 +1,150 @@
+"""Block-sequential calibration: block-stack discovery, equality with one pass (statistics and adapters) on every
+tiny model, per-block arguments, offload, progress per block, the memory check, clear errors."""
+import pytest
+import torch
+from torch import nn
+
+import loranull_kernels as lk
+from loranull_kernels import calibration_memory
+from loranull_kernels.blocks import find_block_stack
+from loranull_kernels.calibrate import calibrate
+from loranull_kernels.calibrate_sequential import split_targets
+from loranull_kernels.inject import inject
+from loranull_kernels.nn import LoRALinear
+from loranull_kernels.targets import find_targets
+
+from .helpers import assert_close
+from .tiny_models import output, tiny_model, token_batches
+
+ALL_KINDS = ("llama", "qwen2", "mistral", "gpt2", "bert")
+STACKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gpt2": "transformer.h",
+          "bert": "encoder.layer"}
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with lk.backend.use("torch"):
+        yield
+
+
+def padded_batches():
+    data = token_batches(2, seed=1)
+    data[1]["attention_mask"][0, 7:] = 0  # padding must be masked block by block too
+    return data
+
+
+def adapters(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_block_stack_is_found_generically(kind):
+    model = tiny_model(kind)
+    names = [n for n, _ in find_targets(model, "all-linear")]
+    name, blocks = find_block_stack(model, names)
+    assert name == STACKS[kind] and len(blocks) == 2
+    assert find_block_stack(model, ["nothing.in.a.block"]) is None
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_lora_null_adapters_equal_one_pass(kind):
+    """Same covariances (to float32 rounding) ⇒ same adapters. BERT's pooler is left out: it sees one vector per
+    sample, so 4 samples leave 60 of its 64 eigenvalues at the rounding floor, where any basis is as good and the
+    solver's batching alone picks another (its covariance is compared in test_per_block_arguments... and
+    tests/test_calibrate.py)."""
+    cfg = lk.AdapterConfig(method="lora_null", r=4, alpha=8, null_dim=6,
+                           exclude_modules=["pooler.dense"] if kind == "bert" else [])
+    data = padded_batches()
+    one = inject(tiny_model(kind), cfg, calibration_data=data, progress=False, calibration_mode="one_pass")
+    seq = inject(tiny_model(kind), cfg, calibration_data=data, progress=False, calibration_mode="sequential",
+                 offload="cpu")
+    A, B = adapters(one), adapters(seq)
+    assert set(A) == set(B) and A
+    for name in A:
+        for p in ("weight", "lora_A", "lora_B"):
+            assert_close(getattr(B[name], p), getattr(A[name], p), torch.float32, f"{name}.{p}", tol=1e-5)
+    trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(one) == trainable(seq), "earlier blocks' adapters stay trainable"
+    x = token_batches(1, seed=9)[0]
+    assert_close(output(seq, x), output(tiny_model(kind), x), torch.float32, "output at init", tol=1e-5)
+    assert all(not m._forward_pre_hooks for m in seq.modules()), "hooks removed"
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, *, scale):
+        return torch.tanh(self.fc(x)) * scale
+
+
+class PerLayerArgs(nn.Module):
+    """Blocks that get different keyword arguments (like per-layer attention masks) and one outside target."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.blocks = nn.ModuleList(Scaled() for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            h = block(h, scale=float(i + 1))
+        return self.head(h)
+
+
+def test_per_block_arguments_and_targets_outside_the_stack():
+    torch.manual_seed(0)
+    model = PerLayerArgs()
+    data = [torch.randint(0, 20, (2, 5)) for _ in range(3)]
+    one = calibrate(model, data, target_modules=["fc", "head"], progress=False)
+    seq = calibrate(model, data, target_modules=["fc", "head"], progress=False, calibration_mode="sequential")
+    assert set(one) == set(seq) == {"blocks.0.fc", "blocks.1.fc", "blocks.2.fc", "head"}
+    for name in one:
+        assert_close(seq[name], one[name], torch.float32, name, tol=1e-6)
+
+
+def test_progress_says_which_solver_each_block_used(capsys):
+    cfg = lk.AdapterConfig(method="lora_null", r=4)
+    inject(tiny_model("llama"), cfg, calibration_data=token_batches(1), progress=True)  # auto: sequential
+    err = capsys.readouterr().err
+    assert "block 1/2" in err and "block 2/2" in err and "null space: eigh ×" in err
+
+
+def test_memory_check_refuses_before_touching_the_model(monkeypatch):
+    model = tiny_model("llama")
+    cfg = lk.AdapterConfig(method="lora_null", r=4)
+    monkeypatch.setattr(calibration_memory, "free_bytes", lambda device: 1000)
+    with pytest.raises(calibration_memory.CalibrationMemoryError, match=r"calibration_mode='sequential'"):
+        inject(model, cfg, calibration_data=token_batches(1), progress=False, calibration_mode="one_pass")
+    with pytest.raises(MemoryError, match=r"GiB .*free"):
+        inject(model, cfg, calibration_data=token_batches(1), progress=False)
+    assert not adapters(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_one_block_needs_less_than_the_whole_model():
+    model = tiny_model("llama")
+    targets = find_targets(model, "all-linear")
+    per_block, outside = split_targets(find_block_stack(model, [n for n, _ in targets]), targets)
+    whole = calibration_memory.covariance_bytes(targets)[torch.device("cpu")]
+    block = calibration_memory.covariance_bytes(per_block[0])[torch.device("cpu")]
+    # Siblings with one input size count once: q/k/v/o (64) and gate/up (64, mlp), down (96). o_proj really has an
+    # input of its own: the estimate is a lower bound, so that a refusal is never a false alarm. Plus the solver's
+    # two float64 matrices of the largest size.
+    assert block == 4 * (2 * 64 * 64 + 96 * 96) + 16 * 96 * 96
+    assert whole == 4 * 2 * (2 * 64 * 64 + 96 * 96) + 16 * 96 * 96 and outside == []
+
+
+def test_clear_errors():
+    cfg = lk.AdapterConfig(method="lora_null", r=2)
+    with pytest.raises(ValueError, match="calibration_mode"):
+        inject(tiny_model("llama"), cfg, calibration_data=token_batches(1), calibration_mode="blockwise")
+    with pytest.raises(ValueError, match="offload"):
+        inject(tiny_model("llama"), cfg, calibration_data=token_batches(1), offload="disk")
+    flat = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    with pytest.raises(ValueError, match="block stack"):
+        calibrate(flat, [torch.randn(3, 6)], progress=False, calibration_mode="sequential")
+    covs = calibrate(flat, [torch.randn(3, 6)], progress=False, calibration_mode="auto")  # auto: one pass
+    assert set(covs) == {"0", "2"}
