@@ -507,6 +507,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if shape != (info["in_features"], info["out_features"]):
             raise ValueError(f"load_adapter: {name!r} is ({shape[0]} → {shape[1]}), the file "
                              f"({info['in_features']} → {info['out_features']}): another base model")
+        if cfg.r > min(shape):  # the layer constructor would refuse it after earlier layers were replaced
+            raise ValueError(f"load_adapter: the file's r={cfg.r} exceeds min(in, out) = {min(shape)} of {name!r}")
         W = as_linear(module).weight.detach()
         _check_fingerprint(name, W.to(_compute_dtype(W.dtype)), tensors[f"{name}.base_fingerprint"], W.dtype,
                            info["base_dtype"])

@@ -265,3 +265,28 @@ def test_a_merged_model_loads_nothing_and_a_merge_state_is_not_saved(saved, tmp_
     model.get_submodule(Q).merge()
     with pytest.raises(ValueError, match="merged"):
         lk.load_adapter(model, saved)
+
+
+def test_rank_above_a_layer_size_is_refused_before_any_layer_is_replaced(tmp_path):
+    """A file whose r fits its first layer but not its second: the layer constructor refused it after the first
+    layer had been replaced."""
+    from torch import nn
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+
+    model = base()
+    lk.inject(model, lk.AdapterConfig(r=4, target_modules=["0", "1"]))
+    path = tmp_path / "ad"
+    lk.save_adapter(model, path)
+    _rewrite_json(path, lambda m: {**m, "config": {**m["config"], "r": 8}})
+
+    def widen(t):
+        for n, o in (("0", 16), ("1", 4)):
+            t[f"{n}.lora_A"], t[f"{n}.lora_B"] = torch.zeros(8, 16), torch.zeros(o, 8)
+    _rewrite_tensors(path, widen)
+    target = base()
+    with pytest.raises(ValueError, match="r=8 exceeds"):
+        lk.load_adapter(target, path)
+    assert not any(isinstance(m, LoRALinear) for m in target.modules())
