@@ -145,7 +145,11 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
                    and _unsupported_parent(model, n) is None]
         explicit = False
     elif isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is taken as a regular expression and does not "
+                             f"compile: {e}") from None
         matched = [(n, m) for n, m in named if pattern.fullmatch(n)]
         explicit = True
     else:

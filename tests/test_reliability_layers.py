@@ -62,10 +62,12 @@ def test_from_dict_refuses_a_non_dict():
         lk.AdapterConfig.from_dict([("r", 4)])
 
 
-def test_find_targets_refuses_a_string_exclude():
+def test_find_targets_refuses_a_string_exclude_and_a_broken_regex():
     model = tiny_model("llama")
     with pytest.raises(TypeError, match="did you mean"):
         find_targets(model, ["q_proj", "v_proj"], "q_proj")
+    with pytest.raises(ValueError, match="does not compile"):
+        find_targets(model, "q_proj[")
     names = [n for n, _ in find_targets(model, ["q_proj", "v_proj"], ["q_proj"])]
     assert names and all(n.endswith("v_proj") for n in names)
 
