@@ -7,7 +7,7 @@ A's rows, the rest B's columns (strided; B is small).
 
 Selection without sorting: importances are ≥ 0, so their float32 bit patterns order like the values; a 31-step
 bisection over the bit patterns finds the ``n_prune``-th smallest ``T``; entries below ``T`` are pruned, then the
-first of those equal to ``T`` in index order (a cumsum) until exactly ``n_prune`` are: the same choice as a stable
+first of those equal to ``T`` in index order (a second bisection) until exactly ``n_prune`` are: the same choice as a stable
 ascending sort (the torch fallback). Portable across Triton 3.6 – 3.9: plain pointers, no dots.
 """
 import triton
@@ -20,27 +20,40 @@ def _line(p_ptr, g_ptr, imp_ptr, m_ptr, line, N, s_pl, s_pc, s_gl, s_gc, s_il, s
     cols = tl.arange(0, BLOCK)
     valid = cols < N
     line = line.to(tl.int64)
-    p_raw = tl.load(p_ptr + line * s_pl + cols * s_pc, mask=valid, other=0.0)
-    p = p_raw.to(tl.float32)
+    p = tl.load(p_ptr + line * s_pl + cols * s_pc, mask=valid, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + line * s_gl + cols * s_gc, mask=valid, other=0.0).to(tl.float32)
     imp_old = tl.load(imp_ptr + line * s_il + cols * s_ic, mask=valid, other=0.0)
     imp = imp_old * beta + tl.abs(p * g) * (1.0 - beta)
     tl.store(imp_ptr + line * s_il + cols * s_ic, imp, mask=valid)
     if PRUNE:
-        bits = imp.to(tl.int32, bitcast=True)
+        # Padding lanes hold +inf: never counted below mid < +inf, so the loop needs no validity mask (fewer live
+        # registers: long lines spilled on sm_90).
+        bits = tl.where(valid, imp, float("inf")).to(tl.int32, bitcast=True)
         lo = tl.full((), 0, tl.int32)
         hi = tl.full((), 0x7F800000, tl.int32)  # +inf
         for _ in range(31):
             mid = lo + (hi - lo) // 2
-            count = tl.sum(((bits <= mid) & valid).to(tl.int32), axis=0)
+            count = tl.sum((bits <= mid).to(tl.int32), axis=0)
             enough = count >= n_prune
             hi = tl.where(enough, mid, hi)
             lo = tl.where(enough, lo, mid + 1)
         below = (bits < lo) & valid
         ties = (bits == lo) & valid
-        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)
-        pruned = below | (ties & (tie_rank <= n_prune - tl.sum(below.to(tl.int32), axis=0)))
-        p = tl.where(pruned, 0.0, p)
+        # The first `need` ties in index order: the smallest column c with #(ties ≤ c) ≥ need, by a second
+        # bisection (a cumsum held a scan's worth of registers and spilled on long lines).
+        need = n_prune - tl.sum(below.to(tl.int32), axis=0)
+        c_lo = tl.full((), 0, tl.int32)
+        c_hi = tl.full((), BLOCK - 1, tl.int32)
+        while c_lo < c_hi:
+            c_mid = (c_lo + c_hi) // 2
+            enough = tl.sum((ties & (cols <= c_mid)).to(tl.int32), axis=0) >= need
+            c_hi = tl.where(enough, c_mid, c_hi)
+            c_lo = tl.where(enough, c_lo, c_mid + 1)
+        pruned = below | (ties & (cols <= c_lo) & (need > 0))
+        # The line is read again (from cache) rather than kept in registers through the bisection: long lines
+        # spilled on sm_90 otherwise (compile_check --report).
+        p_raw = tl.load(p_ptr + line * s_pl + cols * s_pc, mask=valid, other=0.0)
+        p = tl.where(pruned, 0.0, p_raw.to(tl.float32))
         if CLAMP:
             p = tl.minimum(tl.maximum(p, -clamp), clamp)
         tl.store(p_ptr + line * s_pl + cols * s_pc, p.to(p_raw.dtype), mask=valid)
