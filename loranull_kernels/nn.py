@@ -30,7 +30,9 @@ class LoRALinear(nn.Module):
     that have one, ``rank_scale`` (r,); buffers ``mask_A`` / ``mask_B`` (bool, RoseLoRA) and ``lora_A0`` /
     ``lora_B0`` (for methods that rewrite the base: the factors with ``weight + s·B0A0 = W``, i.e. the initial
     adapter of pissa / milora / lora_null and KaSA's truncated components; kept so the adapter can be converted to
-    a plain LoRA on the original weight). ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    a plain LoRA on the original weight). ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). The
+    0-dim bool buffer ``lora_merged`` records :meth:`merge` in the ``state_dict`` (``merged`` mirrors it), so a
+    merged state loads merged; optional buffers a state has (masks, ``lora_A0`` / ``lora_B0``) are adopted on load.
 
     A is trained iff ``lora_A.requires_grad`` (``freeze_A`` / LoRA-Null v2 turns it off, and the backward then
     neither computes dA nor keeps x). Dropout applies in training mode only. Adapters of half-precision bases are
