@@ -65,6 +65,12 @@ def _has_adapters(model) -> bool:
     return model is not None and any(True for _ in adapter_layers(model))
 
 
+def _gradients_finite(model: nn.Module) -> bool:
+    grads = [p.grad for _, layer, cfg in adapter_layers(model) if cfg.effective_sparsity is not None
+             for p in (layer.lora_A, layer.lora_B) if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def _write_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """:func:`loranull_kernels.save_adapter` into ``directory``, which may hold other files (a Trainer checkpoint):
     written to a temporary directory beside it, then each file renamed into place."""
@@ -159,6 +165,8 @@ class AdapterCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.schedule and model is not None:
+            if getattr(args, "fp16", False) and not _gradients_finite(model):
+                return  # GradScaler skipped this step (inf/NaN gradients): no importance from them either
             taus = after_optimizer_step(model, state.global_step)  # global_step: the 0-based index of this step
             self._keep_fraction = min(taus.values()) if taus else None
 
