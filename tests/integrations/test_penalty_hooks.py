@@ -137,3 +137,30 @@ def test_activation_checkpointing_gives_the_same_update():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.is_gradient_checkpointing
     assert_same(sgd_step(model, batch), plain, tol=1e-5)
+
+
+def test_accelerate_gradient_accumulation_counts_the_penalty_once():
+    accelerate = pytest.importorskip("accelerate")
+    ids = labelled(1, batch=8)[0]["input_ids"]
+
+    def run(accumulation, hooks=True):
+        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        model = adapted("kasa", hooks=hooks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model, opt = acc.prepare(model, torch.optim.SGD(params, lr=0.5))
+        for chunk in ids.split(8 // accumulation):
+            with acc.accumulate(model):  # the wrapped optimiser steps once, on the last micro-batch
+                acc.backward(model(input_ids=chunk, labels=chunk).loss)
+                opt.step()
+                opt.zero_grad()
+        return [p.detach().clone() for p in params]
+
+    try:
+        one = run(1)
+        assert_same(run(4), one, tol=1e-5)
+        assert max_diff(run(1, hooks=False), one) > 1e-4
+    finally:  # Accelerate keeps process-wide singletons; leave none behind for later tests
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
