@@ -303,6 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="registers, spills, shared memory, tensor-core and async-copy instructions per kernel, "
                              "beside a plain GEMM of the same tile; fail on spills and on missing tensor cores")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="with --report: skip the plain-GEMM reference compilations (faster; the gate is the same)")
     parser.add_argument("--match", default=None, help="only kernels whose label contains this string")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
                     continue
                 use = sass_report.usage(compiled)
                 ref = None
-                if case.tile is not None:
+                if case.tile is not None and not args.no_reference:
                     key = (case.tile, case.dot_dtype, tuple(sorted(case.options.items())))
                     if key not in refs:
                         with contextlib.suppress(Exception):  # a tile the plain GEMM cannot take: no reference
