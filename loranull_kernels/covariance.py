@@ -6,6 +6,8 @@ LoRA-Null reference code, and the reduction across ``torch.distributed`` ranks. 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops.covariance import covariance_update
@@ -83,18 +85,14 @@ class CovarianceAccumulator:
         if x.numel() == 0:
             return self
         x = x.detach()
-        finite = torch.isfinite(x).all(dim=-1)
-        if token_mask is not None:
-            finite = finite | ~token_mask
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise NonFiniteCalibrationError(
-                f"layer {self.name!r}: calibration input has NaN/Inf in {bad} token(s); the batch was not added"
-            )
+        peak = self._check_finite(x, token_mask)
         per_sample = x.reshape(-1, x.shape[-2] if x.dim() >= 2 else 1, self.dim)
         mask3 = None if token_mask is None else token_mask.reshape(per_sample.shape[:-1])
-        inp, inp_mask = (self._normalized(per_sample, mask3), mask3) if self.normalize else (x, token_mask)
-        self._check_no_overflow(inp, inp_mask)
+        if self.normalize:
+            inp, inp_mask, peak = self._normalized(per_sample, mask3), mask3, 1.0
+        else:
+            inp, inp_mask = x, token_mask
+        self._check_no_overflow(inp, inp_mask, peak)
         covariance_update(self.C, inp, inp_mask)
         if mask3 is None:
             self.tokens += per_sample.shape[0] * per_sample.shape[1]
@@ -105,28 +103,47 @@ class CovarianceAccumulator:
             self.samples += int((kept > 0).sum())
         return self
 
-    def _check_no_overflow(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+    def _check_finite(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> float | None:
+        """Raise on NaN/Inf in a kept token; return ``max |x|`` when every entry is finite (else None).
+
+        One ``aminmax`` pass (NaN propagates through it) settles the usual all-finite batch; only a batch with a
+        non-finite entry somewhere is checked token by token (it may sit in masked-out padding)."""
+        if not x.is_floating_point():  # covariance_update refuses other dtypes by name
+            return None
+        lo, hi = torch.aminmax(x)
+        lo, hi = (float(v) for v in torch.stack([lo, hi]).tolist())
+        if math.isfinite(lo) and math.isfinite(hi):
+            return max(-lo, hi)
+        finite = torch.isfinite(x).all(dim=-1)
+        if token_mask is not None:
+            finite = finite | ~token_mask
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteCalibrationError(
+                f"layer {self.name!r}: calibration input has NaN/Inf in {bad} token(s); the batch was not added"
+            )
+        return None
+
+    def _check_no_overflow(self, x: torch.Tensor, token_mask: torch.Tensor | None, peak: float | None) -> None:
         """Refuse a finite batch whose products would overflow C's float32 (``x`` of 1e20 squares to 1e40).
 
         By Cauchy–Schwarz every entry of C + xᵀx is at most ``max_i (C_ii + Σ_t x_ti²)`` in magnitude (C is a sum
         of Grams), so that diagonal bound below a margin under float32's maximum means no product or partial sum
-        can overflow. A cheap bound (tokens · max|x_i|²) settles the usual case; only when it is exceeded is the
-        exact column sum of squares computed, in float64."""
+        can overflow. The bound ``max C_ii + tokens · max|x|²`` settles the usual case; only when it is exceeded
+        (or ``peak``, max |x|, is unknown: non-finite masked tokens) are the kept tokens' column sums of squares
+        computed, in float64."""
         xt = x.reshape(-1, self.dim)
-        if xt.shape[0] == 0 or not xt.is_floating_point():  # covariance_update refuses other dtypes by name
+        if xt.shape[0] == 0 or not xt.is_floating_point():
             return
-        diag = self.C.diagonal().double()
-        # over every token, masked ones included (one fused reduction, no copy); a masked Inf only sends the
-        # check to the exact path
-        peak = torch.linalg.vector_norm(xt, ord=float("inf"), dim=0).double()
-        if float((diag + xt.shape[0] * peak.square()).max()) <= _OVERFLOW_LIMIT:
+        diag = self.C.diagonal()
+        if peak is not None and float(diag.max()) + xt.shape[0] * peak * peak <= _OVERFLOW_LIMIT:
             return
         if token_mask is not None:
             xt = xt[token_mask.reshape(-1)]
-        sumsq = torch.zeros_like(diag)
+        sumsq = diag.double()
         for chunk in xt.split(4096):
-            sumsq += chunk.double().square().sum(0)
-        worst = float((diag + sumsq).max())
+            sumsq = sumsq + chunk.double().square().sum(0)
+        worst = float(sumsq.max())
         if not worst <= _OVERFLOW_LIMIT:
             raise NonFiniteCalibrationError(
                 f"layer {self.name!r}: calibration input is too large for the float32 statistic (a diagonal entry of "

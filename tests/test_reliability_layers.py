@@ -194,4 +194,10 @@ def test_batch_overflowing_float32_is_refused_and_state_unchanged(normalize):
     x, mask = torch.randn(2, 8), torch.tensor([True, False])
     x[1] = 1e30
     acc.update(x, mask)
-    assert torch.isfinite(acc.C).all() and acc.tokens == tokens + 3
+    x[1] = math.inf  # a masked Inf: the per-token path, then the exact overflow check over kept tokens
+    acc.update(x, mask)
+    assert torch.isfinite(acc.C).all() and acc.tokens == tokens + 4
+    with pytest.raises(NonFiniteCalibrationError, match="too large"):  # masked Inf beside a kept huge token
+        x[0] = 1e20
+        acc.update(x, mask)
+    assert acc.tokens == tokens + 4
