@@ -116,7 +116,8 @@ def enable_penalty_hooks(model: nn.Module) -> nn.Module:
     (``torch.optim.optimizer.register_optimizer_step_pre_hook``) serves every model; on each step of any optimiser
     it runs :func:`add_penalty_gradients` for the layers whose trainable parameters that optimiser holds (so a
     model trained by another optimiser, or a frozen one, is left alone). Idempotent; the model is held by a weak
-    reference. Returns ``model``.
+    reference. A ``copy.deepcopy`` of the model, or a model :func:`loranull_kernels.load_adapter` built from an
+    original one, is another object: call this on it. Returns ``model``.
     """
     global _GLOBAL_HOOK
     if not isinstance(model, nn.Module):

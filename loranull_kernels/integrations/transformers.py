@@ -115,6 +115,9 @@ class AdapterCallback(TrainerCallback):
         resume_from: the checkpoint directory to restore the adapter from on resume; None: the Trainer's
             ``<output_dir>/checkpoint-<global_step>``, the directory ``resume_from_checkpoint=True`` picks.
 
+    ``load_best_model_at_end`` is not handled: the Trainer finds no model weights in an adapter-only checkpoint
+    (it logs that); load the best checkpoint with :func:`loranull_kernels.load_adapter`.
+
     Raises (at ``on_train_begin``):
         FileNotFoundError: a resumed run (``global_step > 0``) whose checkpoint holds no adapter files.
     """
