@@ -186,9 +186,12 @@ class CovarianceAccumulator:
             raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
         if self._C is None and dist.get_backend(group) == "nccl":
             self._C = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
-        C = self.C
+        # Reduced into copies and committed together: a collective that fails half-way leaves this rank's local
+        # statistic intact (C reduced with local counts would be silently wrong, and a retry would count twice).
+        C = self.C.clone()
         counts = torch.tensor([self.tokens, self.samples], dtype=torch.int64, device=C.device)
         dist.all_reduce(C, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        self.tokens, self.samples = (int(v) for v in counts.tolist())
+        tokens, samples = (int(v) for v in counts.tolist())
+        self._C, self.tokens, self.samples = C, tokens, samples
         return self

@@ -201,3 +201,32 @@ def test_batch_overflowing_float32_is_refused_and_state_unchanged(normalize):
         x[0] = 1e20
         acc.update(x, mask)
     assert acc.tokens == tokens + 4
+
+
+def test_all_reduce_failing_half_way_leaves_the_local_statistic(monkeypatch):
+    """C was reduced in place before the counts: a failure between the two collectives left a global C with
+    local counts (and a retry would add C twice)."""
+    import torch.distributed as dist
+
+    acc = CovarianceAccumulator(6, name="v_proj")
+    acc.update(torch.randn(5, 6))
+    C, counts = acc.C.clone(), (acc.tokens, acc.samples)
+    calls = []
+
+    def flaky(t, op=None, group=None):
+        calls.append(t)
+        if len(calls) == 2:
+            raise RuntimeError("connection reset")
+        t.mul_(2)  # another rank's identical contribution
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", flaky)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        acc.all_reduce()
+    assert torch.equal(acc.C, C) and (acc.tokens, acc.samples) == counts
+    calls.clear()
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: t.mul_(2))
+    acc.all_reduce()
+    assert torch.equal(acc.C, 2 * C) and (acc.tokens, acc.samples) == (2 * counts[0], 2 * counts[1])
