@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# One GPU session's evidence in one go (≤ 8 minutes on an H100/H200, no network needed):
+#   install (pip, editable, no deps) → CUDA extension → sm_XX compile report → GPU tests → lora_linear at the
+#   reference shape (frozen / naive / PEFT / torch / triton, dropout 0 and 0.1, peak memory) → covariance and
+#   randomized-SVD benchmarks → null-space (whole-layer calibration) benchmark → a short table.
+# Writes CSVs, PNGs and gpu_session_<device>.log / .csv under $OUT (default benchmarks/results), named by device.
+# Every step has a time limit and the session a deadline (SESSION_S, default 470 s): a step that would start past
+# it is skipped and says so; a failed step does not stop the next.
+#
+#   bash benchmarks/gpu_session.sh             # on the GPU machine, from anywhere
+#   bash benchmarks/gpu_session.sh --dry-run   # on a CPU: runs each step's check (same entry points, same flags)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
+PY="${PYTHON:-python}"
+OUT="${OUT:-benchmarks/results}"
+SESSION_S="${SESSION_S:-470}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+START=$(date +%s)
+
+# Device name and compute capability from torch alone (the package may not be installed yet).
+read -r SLUG ARCH < <("$PY" - <<'EOF'
+import re, torch
+if torch.cuda.is_available():
+    name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+else:
+    name, arch = "cpu", 90
+print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown", arch)
+EOF
+)
+if [[ -z "${SLUG:-}" ]]; then echo "gpu_session: cannot import torch with $PY" >&2; exit 2; fi
+if [[ $DRY == 0 && $SLUG == cpu ]]; then
+  echo "gpu_session: no CUDA device visible to torch; use --dry-run on a CPU" >&2; exit 2
+fi
+TAG="gpu_session_${SLUG}$([[ $DRY == 1 ]] && echo _dry)"
+LOG="$OUT/$TAG.log"
+SUMMARY="$OUT/$TAG.csv"
+: > "$LOG"
+echo "step,status,seconds" > "$SUMMARY"
+export LORANULL_RESULTS="$OUT"   # the benchmarks' default output directory
+export TRITON_DEFAULT_FP_FUSION=1
+echo "gpu_session: $(date -u +%FT%TZ) device=$SLUG arch=sm_$ARCH dry_run=$DRY out=$OUT commit=$(git rev-parse --short HEAD 2>/dev/null)" | tee -a "$LOG"
+
+# step NAME LIMIT_S GPU_COMMAND DRY_RUN_COMMAND: run one of them under a time limit, log it, record the outcome.
+step() {
+  local name=$1 limit=$2 cmd=$3 check=$4
+  [[ $DRY == 1 ]] && cmd=$check
+  local left=$(( SESSION_S - ($(date +%s) - START) ))
+  if (( left < 15 )); then
+    echo "== $name: skipped (session deadline)" | tee -a "$LOG"
+    echo "$name,skipped,0" >> "$SUMMARY"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit}s): $cmd" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "$cmd" >> "$LOG" 2>&1
+  local rc=$? status=ok
+  (( rc == 124 || rc == 137 )) && status=timeout
+  (( rc != 0 && rc != 124 && rc != 137 )) && status="failed(rc=$rc)"
+  local dt=$(( $(date +%s) - t0 ))
+  echo "== $name: $status in ${dt}s" | tee -a "$LOG"
+  echo "$name,$status,$dt" >> "$SUMMARY"
+}
+
+# Parse-only check of a benchmark's command line: its own argparse parser sees the exact GPU arguments, then the
+# run stops before any work (a renamed or removed flag fails here, on the CPU).
+parse_only() {
+  echo "import argparse, runpy, sys
+def parse(self, args=None, namespace=None):
+    ns = argparse.ArgumentParser.parse_known_args(self, args, namespace)
+    if ns[1]:
+        self.error('unrecognized arguments: ' + ' '.join(ns[1]))
+    print('parse-only ok:', sys.argv[0], vars(ns[0]))
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse
+sys.argv = ['$1'] + sys.argv[1:]
+runpy.run_module('$1', run_name='__main__')" > "$OUT/.parse_only.py"
+  echo "$PY $OUT/.parse_only.py"
+}
+
+REF_BENCH="--M 8192 --K 4096 --N 4096 --r 16 --dropout 0 0.1 --name reference --out-dir $OUT"
+GPU_TESTS="tests/ops/test_lora_linear.py tests/ops/test_strides_triton.py tests/ops/test_covariance.py tests/ops/test_rsvd.py tests/methods/test_roselora.py tests/test_extension.py"
+
+step install 240 \
+  "$PY -m pip install --no-build-isolation --no-deps -e ." \
+  "$PY -m pip install --dry-run --no-build-isolation --no-deps -e ."
+step extension 180 \
+  "$PY -c 'from loranull_kernels import _extension as e; m = e.load(); print(e.status()); assert m is not None, e.status()'" \
+  "$PY -c 'from loranull_kernels import _extension as e; assert e.sources(), \"no csrc sources\"; print(e.status())'"
+step compile_report 150 \
+  "env -u TRITON_INTERPRET $PY -m loranull_kernels.triton.compile_check --arch $ARCH --report" \
+  "env -u TRITON_INTERPRET $PY -m loranull_kernels.triton.compile_check --arch 90 --report --only rose_prune --match 16x16"
+step bench_reference 150 \
+  "$PY -m loranull_kernels.bench.lora_linear $REF_BENCH" \
+  "$(parse_only loranull_kernels.bench.lora_linear) $REF_BENCH"
+step gpu_tests 150 \
+  "$PY -m pytest -q -x -m gpu tests && $PY -m pytest -q -x $GPU_TESTS" \
+  "$PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
+step bench_calibration 120 \
+  "$PY -m loranull_kernels.bench.calibration --quick" \
+  "$(parse_only loranull_kernels.bench.calibration) --quick"
+step bench_nullspace 90 \
+  "$PY -m loranull_kernels.bench.calibration_model --only layers --out-dir $OUT" \
+  "$(parse_only loranull_kernels.bench.calibration_model) --only layers --out-dir $OUT"
+rm -f "$OUT/.parse_only.py"
+
+# The short table, last: every step's outcome, then the roofline's prediction for this device at the reference
+# shape and what the benchmark measured (its CSV), side by side.
+{
+  echo
+  echo "gpu_session summary ($SLUG, $(( $(date +%s) - START ))s):"
+  column -t -s, "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
+  "$PY" - "$SLUG" "$OUT/reference_${SLUG}.csv" <<'EOF' || true
+import csv, os, sys
+from loranull_kernels.bench import roofline
+slug, path = sys.argv[1], sys.argv[2]
+dev = next((d for k, d in roofline.DEVICES.items() if k in slug), roofline.H100)
+for p in (0.0, 0.1):
+    pred = roofline.predict(8192, 4096, 4096, 16, "bf16", dropout=p, device=dev)
+    print(f"roofline ({dev.name}) p={p}: fwd+bwd {pred.total_s * 1e6:.0f} us, frozen {pred.frozen_s * 1e6:.0f} us, "
+          f"predicted ratio {pred.ratio:.3f}")
+if os.path.exists(path):
+    rows = [r for r in csv.DictReader(open(path)) if r.get("mode") == "full"]
+    keys = [k for k in ("provider", "dropout", "median_ms", "ratio_to_frozen", "peak_mem_mb") if rows and k in rows[0]]
+    print("measured (full = forward + backward):")
+    for r in rows:
+        print("  " + "  ".join(f"{k}={r[k]}" for k in keys))
+EOF
+} | tee -a "$LOG"
+grep -q ',\(failed\|timeout\)' "$SUMMARY" && exit 1
+exit 0
