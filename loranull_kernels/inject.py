@@ -59,8 +59,8 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
         raise ValueError(f"method {config.method!r} needs activation statistics: pass calibration_data "
                          "(an iterable of batches) to inject")
     stack = resolve_mode(model, targets, mode, offload)
-    per_block, outside = split_targets(stack, targets) if stack is not None else (None, None)
-    calibration_memory.check(targets, per_block, outside)
+    # (inline: no list of the original layers may outlive its use, see adapt)
+    calibration_memory.check(targets, *(split_targets(stack, targets) if stack is not None else (None, None)))
     kwargs.setdefault("normalize", config.normalize_calibration)
     show = kwargs.get("progress", True)
     frozen = []
@@ -79,8 +79,13 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
         covariances.update(covs)
         with precomputed(solved):
             replace_targets(model, group, make_layer, freeze=False)
-        for name, _ in group:  # the adapters hold what they need: free the block's covariances now
+        done = {name for name, _ in group}
+        for name in done:  # the adapters hold what they need: free the block's covariances now
             covariances.pop(name, None)
+        # ... and drop the last references to the replaced layers, or every block's old weights would stay alive
+        # until inject returns (memory growing with the number of blocks)
+        targets[:] = [t for t in targets if t[0] not in done]
+        group.clear()
         return note
 
     if stack is None:

@@ -145,9 +145,10 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
         raise ValueError(f"need 1 ≤ k, oversample ≥ 0, k + oversample < n = {n} and n_iter ≥ 1; got k={k}, "
                          f"oversample={oversample}, n_iter={n_iter}")
     batched = C.dim() == 3
-    A = C.detach().to(torch.float64)
-    A = (A if batched else A.unsqueeze(0))
-    A = 0.5 * (A + A.transpose(-1, -2))  # one symmetric operator for the solves and the Ritz step
+    # Two n × n float64 matrices at most (A and its factor): at n = 14336 each is 1.6 GB. The Cholesky reads A's
+    # lower triangle only; the Ritz matrix below is symmetrised, so A need not be exactly symmetric.
+    A = C.detach().to(torch.float64, copy=True)  # a copy also of float64 input: its diagonal is shifted below
+    A = A if batched else A.unsqueeze(0)
     if not torch.isfinite(A).all():
         raise ValueError("C has non-finite entries")
     scale = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)  # tr(C)/n, (B,)
@@ -170,14 +171,19 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
 
 def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factors of ``A + δ_b I`` (A (B, n, n) float64, δ (B,)), each δ raised tenfold until it
-    factors."""
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    factors. A is shifted in place and restored (up to the rounding of adding and subtracting δ)."""
+    diag = torch.diagonal(A, dim1=-2, dim2=-1)  # shifted in place and restored: no n × n temporaries
     delta = delta.clone()
     for _ in range(_RIDGE_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(A + delta[:, None, None] * eye)
+        diag.add_(delta[:, None])
+        try:
+            L, info = torch.linalg.cholesky_ex(A)
+        finally:
+            diag.sub_(delta[:, None])
         failed = info != 0
         if not bool(failed.any()):
             return L
+        del L
         delta = torch.where(failed, delta * 10, delta)
     raise ValueError(f"C is not positive semi-definite to within a ridge of {delta.max().item():.3g} "
                      "(tr(C)/n · 1e-6 · 10^6): is it a covariance?")
