@@ -123,7 +123,7 @@ rm -f "$OUT/.parse_only.py"
 import csv, os, sys
 from loranull_kernels.bench import roofline
 slug, path = sys.argv[1], sys.argv[2]
-dev = next((d for k, d in roofline.DEVICES.items() if k in slug), roofline.H100)
+dev = roofline.device_for(slug) or roofline.H100
 for p in (0.0, 0.1):
     pred = roofline.predict(8192, 4096, 4096, 16, "bf16", dropout=p, device=dev)
     print(f"roofline ({dev.name}) p={p}: fwd+bwd {pred.total_s * 1e6:.0f} us, frozen {pred.frozen_s * 1e6:.0f} us, "

@@ -48,6 +48,12 @@ A100 = Device("A100 SXM", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32
 DEVICES = {"h100": H100, "h200": H200, "a100": A100}
 
 
+def device_for(name: str) -> Device | None:
+    """The peak rates for a ``torch.cuda.get_device_name()`` string ("NVIDIA H100 80GB HBM3" → ``H100``), or None
+    for a device the model has no rates for."""
+    return next((d for key, d in DEVICES.items() if key in name.lower()), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelCost:
     """One kernel launch: FLOPs, compulsory bytes, Philox draws, and its predicted time on the device."""

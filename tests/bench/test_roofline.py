@@ -57,3 +57,10 @@ def test_bad_arguments_name_themselves(kw, word):
     args = dict(REF, **kw)
     with pytest.raises(ValueError, match=word):
         predict(**args)
+
+
+def test_device_for_matches_cuda_device_names():
+    from loranull_kernels.bench.roofline import A100, H200, device_for
+
+    assert device_for("NVIDIA H100 80GB HBM3") is H100 and device_for("NVIDIA H200") is H200
+    assert device_for("NVIDIA A100-SXM4-80GB") is A100 and device_for("AMD EPYC") is None
