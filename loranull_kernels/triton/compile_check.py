@@ -306,7 +306,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="with --report: skip the plain-GEMM reference compilations (faster; the gate is the same)")
     parser.add_argument("--match", default=None, help="only kernels whose label contains this string")
+    parser.add_argument("--shard", default="0/1", help="I/N: compile every N-th kernel starting at the I-th (run N "
+                                                       "processes side by side on N cores)")
     args = parser.parse_args(argv)
+    try:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels)", file=sys.stderr)
         return 2
@@ -322,9 +330,13 @@ def main(argv=None) -> int:
     failures, count, start, refs = [], 0, time.perf_counter(), {}
     if args.report:
         print(HEADER)
+    index = -1
     for group in args.only or sorted(GROUPS):
         for case in GROUPS[group]():
             if args.match and args.match not in case.label:
+                continue
+            index += 1
+            if index % shards != shard:
                 continue
             try:
                 compiled = compile_case(case, target)
