@@ -4,7 +4,10 @@ The calibration set is run up to the first block of the model's block stack (:mo
 then block i alone runs over the stored inputs with the calibration hooks on its targeted layers, its outputs
 become block i + 1's inputs, and ``on_block`` receives its covariances (:func:`~loranull_kernels.inject` turns
 them into adapters there and drops them). Targeted layers outside the stack (BERT's pooler...) are calibrated
-afterwards in one pass over the whole model.
+first, in one pass over the whole model with hooks on them only, and handed to ``on_block`` last: calibrating
+them after the blocks were adapted would change their inputs by float32 rounding, which is enough to rotate a
+null space that is degenerate (a pooler sees one vector per sample: a handful of samples leave most of its
+eigenvalues at the rounding floor).
 
 Block i's outputs are those of the block *as it was* when its statistics were taken, i.e. what the whole model
 computes in one pass: the covariances equal the one-pass ones up to float32 rounding (the very same operations on
@@ -85,7 +88,7 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         model, targets, data, normalize, progress, max_batches: as :func:`~loranull_kernels.calibrate_modules`.
         stack: ``(name, ModuleList)`` from :func:`resolve_mode`.
         on_block: called once per block that holds targets, in order, then once for the targets outside the stack
-            (name ``"<outside the block stack>"``), with ``{target name: (in, in) float32 covariance}`` (layers that
+            (name ``"<outside the block stack>"``, calibrated before the blocks), with ``{target name: (in, in) float32 covariance}`` (layers that
             share an input share one tensor). The block's modules may be replaced inside it: the block has run.
             A returned string is shown in the progress bar.
         offload: None (hidden states stay where the blocks put them) or ``"cpu"``.
@@ -102,7 +105,13 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
     show = progress and not (multi and dist.get_rank() != 0)
     name, blocks = stack
     per_block, outside = split_targets(stack, targets)
-    modes = {m: m.training for m in model.modules()}
+    outside_covs = None
+    if outside:  # before any block is adapted: see the module docstring
+        outside_covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress,
+                                         max_batches=max_batches)
+    # By name, not by module: a dict of the modules would keep every replaced layer (and its weight) alive until
+    # the end, and the adapters created meanwhile must get their layer's mode back too.
+    modes = {n: m.training for n, m in model.named_modules()}
     try:
         model.eval()
         with torch.no_grad():
@@ -123,11 +132,18 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
             bar.close()
             del inputs
     finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if outside:
-        covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress, max_batches=max_batches)
-        on_block("<outside the block stack>", outside, covs)
+        _restore_modes(model, modes)
+    if outside_covs is not None:
+        on_block("<outside the block stack>", outside, outside_covs)
+
+
+def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Train/eval modes back by module name; a module created meanwhile (an adapter and its children) takes the
+    mode its name had, else its parent's."""
+    for name, module in model.named_modules():  # parents come before their children
+        parent = name.rpartition(".")[0]
+        mode = modes.get(name, modes.get(parent, module.training))
+        modes[name] = module.training = mode
 
 
 def _one_block(block: nn.Module, i: int, block_name: str, targets: list, inputs: BlockInputs, *, keep_outputs: bool,

@@ -79,13 +79,14 @@ def _gib(b: float) -> str:
 def check(targets: list[tuple[str, nn.Module]], per_block: list[list] | None, outside: list | None) -> None:
     """Refuse (:class:`CalibrationMemoryError`) when the covariances held at once exceed a device's free memory.
 
-    ``per_block``/``outside`` None: one pass, everything at once. Else block by block: the largest block (or the
-    targets outside the stack) at once.
+    ``per_block``/``outside`` None: one pass, everything at once. Else block by block: the largest block plus the
+    targets outside the stack at once.
     """
     if per_block is None:
         phases, mode = [targets], "one_pass"
     else:
-        phases, mode = [ts for ts in per_block if ts] + ([outside] if outside else []), "sequential"
+        # the targets outside the stack are calibrated first and adapted last: held during every block
+        phases, mode = [ts + list(outside or []) for ts in per_block if ts] or [list(outside or [])], "sequential"
     need: dict[torch.device, int] = defaultdict(int)
     for ts in phases:
         for dev, b in covariance_bytes(ts).items():

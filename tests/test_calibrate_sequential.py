@@ -48,12 +48,9 @@ def test_block_stack_is_found_generically(kind):
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_lora_null_adapters_equal_one_pass(kind):
-    """Same covariances (to float32 rounding) ⇒ same adapters. BERT's pooler is left out: it sees one vector per
-    sample, so 4 samples leave 60 of its 64 eigenvalues at the rounding floor, where any basis is as good and the
-    solver's batching alone picks another (its covariance is compared in test_per_block_arguments... and
-    tests/test_calibrate.py)."""
-    cfg = lk.AdapterConfig(method="lora_null", r=4, alpha=8, null_dim=6,
-                           exclude_modules=["pooler.dense"] if kind == "bert" else [])
+    """Same covariances (to float32 rounding) ⇒ same adapters, including layers outside the stack (BERT's pooler,
+    whose null space is degenerate: it sees one vector per sample, so it is calibrated before any block changes)."""
+    cfg = lk.AdapterConfig(method="lora_null", r=4, alpha=8, null_dim=6)
     data = padded_batches()
     one = inject(tiny_model(kind), cfg, calibration_data=data, progress=False, calibration_mode="one_pass")
     seq = inject(tiny_model(kind), cfg, calibration_data=data, progress=False, calibration_mode="sequential",
@@ -148,3 +145,10 @@ def test_clear_errors():
         calibrate(flat, [torch.randn(3, 6)], progress=False, calibration_mode="sequential")
     covs = calibrate(flat, [torch.randn(3, 6)], progress=False, calibration_mode="auto")  # auto: one pass
     assert set(covs) == {"0", "2"}
+
+
+def test_train_mode_is_restored_on_adapters_created_block_by_block():
+    model = tiny_model("llama").train()
+    inject(model, lk.AdapterConfig(method="lora_null", r=4), calibration_data=token_batches(1), progress=False,
+           calibration_mode="sequential")
+    assert all(m.training for m in model.modules()), "the adapters were created while the model ran in eval mode"
