@@ -146,6 +146,18 @@ def _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, m
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays float64 under autocast, as in torch
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The autocast dtype in force for x's device, or None (autocast off, or x not a tensor)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -185,10 +197,22 @@ def lora_linear(
 
     Returns:
         (..., out_features) in x's dtype. Differentiable w.r.t. x, lora_A, lora_B, rank_scale and bias.
+        Under ``torch.autocast``: every float16/bfloat16/float32 operand is cast to the autocast dtype first (as
+        ``F.linear`` does there), so the output is in that dtype and float32 parameters get float32 gradients.
 
     Raises:
         TypeError / ValueError naming the offending argument for bad types, dtypes, shapes, devices or values.
     """
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        # Under autocast (a float32 model trained with bf16/fp16 mixed precision, e.g. HF Trainer's bf16=True) the
+        # inputs arrive in mixed dtypes; compute as F.linear would there: every floating operand in the autocast
+        # dtype (gradients flow back to float32 parameters through the casts), the op itself outside autocast.
+        cast = lambda t: t.to(autocast) if t is not None and t.dtype in _AUTOCAST_FROM else t  # noqa: E731
+        x, weight, lora_A, lora_B, rank_scale, bias = map(cast, (x, weight, lora_A, lora_B, rank_scale, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, mask_A, mask_B,
+                               train_A, seed)
     _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, mask_A, mask_B, train_A, seed)
     name = _backend.select(x.device, x.dtype)
     dropout_p = float(dropout_p)
