@@ -6,10 +6,10 @@ The prediction written before a GPU measures anything (docs/performance.md): eac
 the one ``loranull-bench`` measures. Bytes are compulsory traffic (each operand read once, each result written
 once: perfect on-chip reuse), so the model is a floor for every kernel, not a simulation.
 
-Dropout masks are regenerated, never stored: each draw is one Philox-4x32-10 call (``tl.rand``), ~40 instructions
-(10 rounds of two wide 32-bit multiplies and two three-input xors; the key schedule is uniform across the tile),
-issued at the SM's instruction rate (4 schedulers × 32 lanes a clock) and counted here as not overlapped with the
-tile's loads or MMAs (a pessimistic bound; the GPU run is to confirm the estimate).
+Dropout masks are regenerated, never stored: one Philox-4x32-10 call (``tl.rand4x``) draws the uniforms of four
+elements, ~40 instructions (10 rounds of two wide 32-bit multiplies and two three-input xors; the key schedule is
+uniform across the tile), issued at the SM's instruction rate (4 schedulers × 32 lanes a clock) and counted here as
+not overlapped with the tile's loads or MMAs (a pessimistic bound; the GPU run is to confirm the estimate).
 
 Usage::
 
@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-PHILOX_OPS = 40  # instruction issues per tl.rand draw (estimate; see the module docstring)
+PHILOX_OPS = 40  # instruction issues per Philox call (estimate; see the module docstring)
+ELEMENTS_PER_CALL = 4  # the kernels' _keep: one tl.rand4x call masks four consecutive columns
 FEATURES = ("bias", "rank_scale", "masks")
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -56,7 +57,7 @@ def device_for(name: str) -> Device | None:
 
 @dataclasses.dataclass(frozen=True)
 class KernelCost:
-    """One kernel launch: FLOPs, compulsory bytes, Philox draws, and its predicted time on the device."""
+    """One kernel launch: FLOPs, compulsory bytes, Philox calls (``draws``), and its predicted time on the device."""
 
     name: str
     phase: str  # "forward" or "backward"
@@ -125,7 +126,7 @@ def predict(M: int, K: int, N: int, r: int, dtype: str = "bf16", dropout: float 
         M, K, N, r: tokens, in_features, out_features, rank (x (M, K), W (N, K), A (r, K), B (N, r)).
         dtype: "bf16", "fp16" or "fp32" (x, W, y and the gradients; fp32 dots at the fp32 FMA rate, as torch's
             default "highest" matmul precision asks). adapter_dtype: A and B's (default: dtype).
-        dropout: the adapter path's dropout probability (> 0: Philox draws in down, dx and da).
+        dropout: the adapter path's dropout probability (> 0: Philox calls in down, dx and da).
         features: any of "bias", "rank_scale", "masks" (RoseLoRA's masks of A and B, one byte per entry).
         device: peak rates (``H100``, ``H200``, ``A100`` or your own ``Device``).
         train_A: False drops the dA kernel (LoRA-Null v2's frozen A).
@@ -151,7 +152,7 @@ def predict(M: int, K: int, N: int, r: int, dtype: str = "bf16", dropout: float 
     scale = r * ea if "rank_scale" in features else 0
     mask_a = r * K if "masks" in features else 0
     mask_b = N * r if "masks" in features else 0
-    draws = M * K if dropout > 0 else 0
+    draws = M * K / ELEMENTS_PER_CALL if dropout > 0 else 0
     x, w, y = M * K * e, N * K * e, M * N * e
     a, b, h = r * K * ea + mask_a, N * r * ea + mask_b, M * r * f32
 

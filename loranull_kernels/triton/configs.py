@@ -32,9 +32,7 @@ _DEFAULT = {
     "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
     "da": dict(BLOCK_M=64, BLOCK_K=128, SPLIT_M="auto", num_warps=8, num_stages=3),
     # Variants (``kernel:variant``), chosen by ``lookup``; each one removes a spill ptxas reported for sm_90
-    # (``compile_check --report``). Dropout: the Philox draw of a 128×128 dX tile (64 per thread) spilled.
-    "dx:dropout": dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
-    # IEEE fp32 dots run on FMA units with both operands in registers: smaller K steps / tiles.
+    # (``compile_check --report``). IEEE fp32 dots run on FMA units with both operands in registers: smaller K steps / tiles.
     "forward:fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "dy:fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
     "dx:fp32": dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3),

@@ -9,8 +9,8 @@ backward  ``lora_dy_kernel``        dG = s·dY(B⊙mB),  dB = s·dYᵀ(H⊙d)⊙
           ``lora_dx_kernel``        dX = ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p) + dY W      accumulator starts at the low rank term
           ``lora_da_kernel``        dAᵀ = (drop(x)ᵀ (dG⊙d)) ⊙ mAᵀ                the one extra read of x, split over M
 
-Dropout: ``keep = rand(seed, row·K + col) ≥ p`` (Philox, counter = the element's logical index), identical in the
-forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
+Dropout: ``keep = rand4x(seed, row·⌈K/4⌉ + col/4)[col mod 4] ≥ p`` (Philox, counter = the element's logical
+position, four columns a call), identical in the forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
 masked copies of A or B exist. Portable across Triton 3.6 – 3.9: plain pointer arithmetic, no block pointers.
 """
 import triton
@@ -18,10 +18,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep(seed, rows, cols, K, p):
-    """Dropout keep mask of the tile rows × cols of an (M, K) matrix."""
-    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, col0, K, p, BLOCK_C: tl.constexpr):
+    """Dropout keep mask of the tile rows × [col0, col0 + BLOCK_C) of an (M, K) matrix (col0 a multiple of 4).
+
+    One Philox call gives four uniforms: they serve four consecutive columns (counter = row·⌈K/4⌉ + col/4), a
+    quarter of the integer work of one call per element (``tl.rand`` computes four and keeps one)."""
+    q = col0 // 4 + tl.arange(0, BLOCK_C // 4)
+    offsets = rows[:, None].to(tl.int64) * ((K + 3) // 4) + q[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, offsets)
+    u = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (rows, BLOCK_C/4, 2, 2): column 4q + 2i + j
+    return tl.reshape(u, (rows.shape[0], BLOCK_C)) >= p
 
 
 @triton.jit
@@ -52,7 +58,7 @@ def lora_down_kernel(
         x_mask = (rm[:, None] < M) & (rk[None, :] < K)
         xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(_keep(seed, rm, rk, K, p), xt, 0.0)
+            xt = tl.where(_keep(seed, rm, k0, K, p, BLOCK_K), xt, 0.0)
         a_mask = (rk[:, None] < K) & (rr[None, :] < R)
         at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak, mask=a_mask, other=0.0)
         if HAS_MASK_A:
@@ -189,7 +195,7 @@ def lora_dx_kernel(
         at = tl.where(keep_a != 0, at, 0.0)
     acc = tl.dot(dh, at, input_precision=PRECISION)
     if HAS_DROPOUT:
-        acc = tl.where(_keep(seed, rm, rk, K, p), acc * keep_scale, 0.0)
+        acc = tl.where(_keep(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), acc * keep_scale, 0.0)
 
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
@@ -230,7 +236,7 @@ def lora_da_kernel(
         xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                      mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(_keep(seed, rm, rk, K, p), xt, 0.0)
+            xt = tl.where(_keep(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), xt, 0.0)
         dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         if HAS_RANK_SCALE:
             dh = dh * d[None, :]
@@ -249,6 +255,6 @@ def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.
     """Materialise the dropout keep mask the kernels above use (tests and debugging only)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, rm, rk, K, p)
+    keep = _keep(seed, rm, tl.program_id(1) * BLOCK_K, K, p, BLOCK_K)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], keep.to(tl.int8),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
