@@ -175,6 +175,7 @@ def run_case(case: Case, device: torch.device, rounds: int, warmup: int) -> list
         fns = {name: _closures(fn, params, x, dy, mode) for name, (fn, params) in providers.items()}
         timings = harness.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
         peaks = _peak_memory(providers, x, dy, device) if mode == "full" and device.type == "cuda" else {}
+        predicted = _predicted_ratio(case, device, mode)
         for name, t in timings.items():
             ratio = harness.ratio_spread(t, timings["frozen"])
             vs_peft = harness.ratio_spread(timings["peft"], t) if "peft" in timings else {}
@@ -185,8 +186,24 @@ def run_case(case: Case, device: torch.device, rounds: int, warmup: int) -> list
                              ratio_max=ratio["max"], peft_over_this=vs_peft.get("median", float("nan")),
                              peft_over_this_min=vs_peft.get("min", float("nan")),
                              peft_over_this_max=vs_peft.get("max", float("nan")),
-                             peak_mem_mb=peaks.get(name, float("nan"))))
+                             peak_mem_mb=peaks.get(name, float("nan")),
+                             roofline_ratio=predicted if name == "lk-triton" else float("nan")))
     return rows
+
+
+def _predicted_ratio(case: Case, device: torch.device, mode: str) -> float:
+    """The roofline model's ratio of our Triton fwd+bwd to the frozen layer (:mod:`.roofline`), on GPUs whose peak
+    rates it knows; NaN elsewhere (the CPU runs the torch backend, which the model does not describe)."""
+    if device.type != "cuda" or mode != "full":
+        return float("nan")
+    from . import roofline
+
+    rates = roofline.device_for(torch.cuda.get_device_name(device))
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(case.dtype)
+    if rates is None or dtype is None:
+        return float("nan")
+    return roofline.predict(case.M, case.K, case.N, case.r, dtype=dtype, dropout=case.dropout, features=("bias",),
+                            device=rates).ratio  # make_providers gives every layer a bias
 
 
 def _peak_memory(providers, x, dy, device) -> dict:
@@ -228,10 +245,11 @@ def table(rows: list[dict]) -> str:
     cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) for r in full})
     names = [p for p in PROVIDERS if p != "frozen" and any(r["provider"] == p for r in full)]
     rounds = max((r["rounds"] for r in full), default=0)
+    roofline = any(not math.isnan(r.get("roofline_ratio", math.nan)) for r in full)
     lines = [f"fwd+bwd time / frozen nn.Linear fwd+bwd: median [min-max] over {rounds} interleaved rounds "
-             "(lower is better)",
+             "(lower is better)" + ("; roofline: the model's prediction for lk-triton" if roofline else ""),
              f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} " + " ".join(f"{n:>18}" for n in names)
-             + f" {'peft / lk':>18}"]
+             + f" {'peft / lk':>18}" + (f" {'roofline':>9}" if roofline else "")]
     for c in cases:
         sel = {r["provider"]: r for r in full if (r["M"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"]) == c}
         ours = min((sel[n] for n in ("lk-triton", "lk-torch") if n in sel), key=lambda r: r["median_ms"], default=None)
@@ -239,7 +257,8 @@ def table(rows: list[dict]) -> str:
                    if ours is not None and "peft" in sel else "-")
         lines.append(f"{c[0]:>6} {c[1]:>6} {c[2]:>6} {c[3]:>4} {c[4]:>4} "
                      + " ".join(f"{_spread(sel[n]['ratio_to_frozen'], sel[n]['ratio_min'], sel[n]['ratio_max']):>18}"
-                                for n in names) + f" {speedup:>18}")
+                                for n in names) + f" {speedup:>18}"
+                     + (f" {sel['lk-triton']['roofline_ratio']:>9.3f}" if roofline and "lk-triton" in sel else ""))
     return "\n".join(lines)
 
 
