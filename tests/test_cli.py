@@ -43,6 +43,7 @@ def test_help_is_plain_text_and_exits_0(name, capsys):
     ("loranull-forgetting", ["--quick", "--seeds", "-1"], "--seeds"),
     ("loranull-forgetting", ["--quick", "--workers", "0"], "--workers"),
     ("loranull-forgetting", ["--quick", "--pretrain-steps", "x"], "--pretrain-steps"),
+    ("loranull-forgetting", ["--quick", "--pretrain-steps", "2"], "steps must be ≥ 3"),
     ("loranull-forgetting", ["--replot", "/nonexistent/runs.csv"], "--replot"),
     ("loranull-demo", ["--seed", "-3"], "--seed"),
     ("python -m loranull_kernels", ["--bogus"], "--bogus"),

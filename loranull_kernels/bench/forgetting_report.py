@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_cli.device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=_cli.positive_int, default=None,
                    help="fine-tuning processes at once (default: one per CPU core, 1 on a GPU)")
-    p.add_argument("--pretrain-steps", type=_cli.positive_int, default=None,
+    p.add_argument("--pretrain-steps", type=_cli.positive_int, default=None,  # PretrainConfig checks ≥ 3
                    help="the pre-training budget: at most this many steps (default: the mode's, 2000 full, "
                         "1200 quick); pre-training stops early once the model recalls the facts")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

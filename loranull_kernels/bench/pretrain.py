@@ -62,12 +62,15 @@ class PretrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PretrainConfig.{name} must be an int ≥ 1, got {value!r}")
+        if self.steps < 3:
+            raise ValueError(f"PretrainConfig.steps must be ≥ 3 (a warm-up and a decay), got {self.steps}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"PretrainConfig.lr must be a number > 0, got {self.lr!r}")
-        for name in ("stop_recall", "min_recall"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"PretrainConfig.{name} must be in [0, 1], got {value!r}")
+        if self.stop_recall is not None and not (isinstance(self.stop_recall, (int, float))
+                                                 and 0.0 <= self.stop_recall <= 1.0):
+            raise ValueError(f"PretrainConfig.stop_recall must be None or in [0, 1], got {self.stop_recall!r}")
+        if not (isinstance(self.min_recall, (int, float)) and self.min_recall >= 0.0):
+            raise ValueError(f"PretrainConfig.min_recall must be a number ≥ 0, got {self.min_recall!r}")
 
     def key(self) -> str:
         """A short hash of everything that determines the trained weights: the fields (not ``min_recall``) and the
@@ -113,7 +116,9 @@ def pretrain(config: PretrainConfig, progress: bool = True, flush_denormal: bool
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, qa.IGNORE)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
     # One-cycle: short warm-up, cosine decay to ~0, which lets the last steps settle on the facts.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    # (at least two warm-up steps: OneCycleLR divides by the warm-up length minus one)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps,
+                                                   pct_start=max(0.05, 2 / config.steps))
     g = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     curve: list[list] = []
