@@ -79,10 +79,11 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     Methods:
 
     - ``"eigh"``: a full eigendecomposition (:func:`eigh_ascending`) in ``dtype``; exact, O(n³) with a large constant.
-    - ``"randomized"``: subspace iteration on ``C⁻¹`` (:func:`randomized_smallest`): one float64 Cholesky
-      factorisation of ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed), ``n_iter`` pairs of
-      triangular solves on ``k + oversample`` columns, then Rayleigh–Ritz on C itself. About ten times faster than
-      eigh at n = 4096, k = 128, with the same held-out leak (benchmarks/results/nullspace_*.csv).
+    - ``"randomized"``: subspace iteration on ``C⁻¹`` (:func:`randomized_smallest`): one Cholesky factorisation of
+      ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed; float32 when that is enough, else float64),
+      ``n_iter`` pairs of triangular solves on ``k + oversample`` columns, then Rayleigh–Ritz on C itself in
+      float64. At n = 4096, k = 128 on the project's 2-core CPU: 4–10× faster than eigh depending on the
+      machine's load, with the same held-out leak (benchmarks/results/nullspace_*.csv).
     - ``"auto"``: :func:`pick_method`.
 
     Args:
@@ -117,26 +118,33 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
 
 
 def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OVERSAMPLE,
-                        n_iter: int = DEFAULT_N_ITER, seed: int | None = 0,
-                        ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+                        n_iter: int = DEFAULT_N_ITER, seed: int | None = 0, ridge: float = RIDGE,
+                        precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest eigenpairs of the symmetric positive semi-definite ``C`` by randomized subspace iteration on
-    ``C⁻¹`` (Halko–Martinsson–Tropp, Algorithm 4.4, on the inverse), in float64.
+    ``C⁻¹`` (Halko–Martinsson–Tropp, Algorithm 4.4, on the inverse).
 
-    Why float64: the wanted eigenvalues are the smallest, often 1e-6 of the largest or below; a float32 Cholesky
-    loses them in its rounding. Why a ridge: C is factored as ``C + δI`` with δ = ``ridge`` · tr(C)/n (multiplied by
-    ten up to six times while the factorisation fails); the shift changes no eigenvector, only how fast directions
-    below δ separate from each other, and those are below C's float32 rounding floor. The Ritz values come from
-    C itself, unshifted.
+    Why a ridge: C is factored as ``C + δI`` with δ = ``ridge`` · tr(C)/n (multiplied by ten up to six times while
+    the factorisation fails): a float32-accumulated covariance is indefinite below its rounding floor. The shift
+    changes no eigenvector, only how fast directions below δ separate from each other, and those are below C's
+    float32 rounding floor anyway. The Ritz values come from C itself, unshifted, in float64.
+
+    Precision (``precision``): ``"auto"`` factors and solves in float32 when the float32 Cholesky of ``C + δI``
+    succeeds at the first ridge, else in float64 (the wanted eigenvalues are the smallest, and a float32
+    factorisation that only goes through with a larger shift would blur them); ``"float32"`` / ``"float64"``
+    force one. On the held-out leak of a heavy-tailed n = 4096 covariance both precisions match eigh's
+    (benchmarks/results/nullspace_*.csv); float32 halves the time on a CPU, and more on GPUs.
 
     Cost: one Cholesky (n³/3) plus ``2 · n_iter`` triangular solves with ``l = k + oversample`` columns
-    (``2 n² l`` each): batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK).
+    (``2 n² l`` each): batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK). Memory: C's
+    working copy and its factor (two n × n matrices of the working dtype).
 
     Args:
         C: (n, n) or (batch, n, n), any float dtype. k: ``1 ≤ k``, ``k + oversample < n``.
     Returns:
         ``values (…, k)`` ascending, ``Q (…, n, k)`` orthonormal, float64.
     Raises:
-        ValueError: non-finite C, ``tr(C) ≤ 0``, or C still not factorable with the largest ridge (far from PSD).
+        ValueError: non-finite C, ``tr(C) ≤ 0``, bad precision, or C still not factorable with the largest ridge
+            (far from PSD).
     """
     _check_covariance(C, batched=True)
     n = C.shape[-1]
@@ -144,47 +152,61 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     if not 1 <= k or l >= n or oversample < 0 or n_iter < 1:
         raise ValueError(f"need 1 ≤ k, oversample ≥ 0, k + oversample < n = {n} and n_iter ≥ 1; got k={k}, "
                          f"oversample={oversample}, n_iter={n_iter}")
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
     batched = C.dim() == 3
-    # Two n × n float64 matrices at most (A and its factor): at n = 14336 each is 1.6 GB. The Cholesky reads A's
-    # lower triangle only; the Ritz matrix below is symmetrised, so A need not be exactly symmetric.
-    A = C.detach().to(torch.float64, copy=True)  # a copy also of float64 input: its diagonal is shifted below
+    first = torch.float64 if precision == "float64" or C.dtype == torch.float64 and precision == "auto" else torch.float32
+    # The Cholesky reads A's lower triangle only, and the Ritz matrix below is symmetrised: A need not be exactly
+    # symmetric. A copy also of input in the working dtype: its diagonal is shifted in place.
+    A = C.detach().to(first, copy=True)
     A = A if batched else A.unsqueeze(0)
     if not torch.isfinite(A).all():
         raise ValueError("C has non-finite entries")
-    scale = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)  # tr(C)/n, (B,)
+    scale = torch.diagonal(A, dim1=-2, dim2=-1).double().mean(-1)  # tr(C)/n, (B,)
     if not bool((scale > 0).all()):
         raise ValueError("tr(C) must be positive (an empty or all-zero calibration set?)")
-    L = _ridged_cholesky(A, ridge * scale)
+    L = _ridged_cholesky(A, ridge * scale, retries=0 if precision == "auto" and first == torch.float32 else None)
+    if L is None:  # float32 was not enough
+        A = A.to(torch.float64)
+        L = _ridged_cholesky(A, ridge * scale)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=A.device).manual_seed(int(seed))
     X = torch.randn(A.shape[0], n, l, dtype=torch.float64, device=A.device, generator=gen)
-    Q = torch.linalg.qr(X).Q
+    Q = torch.linalg.qr(X.to(L.dtype)).Q
     for _ in range(n_iter):
         Q = torch.linalg.qr(torch.cholesky_solve(Q, L)).Q
     del L
-    T = Q.transpose(-1, -2) @ (A @ Q)  # Rayleigh–Ritz on C: (B, l, l)
+    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision for the Ritz step
+    # Rayleigh–Ritz on C in float64, a slab of rows at a time (no n × n float64 copy of a float32 C)
+    CQ = torch.cat([A[:, i:i + 2048].double() @ Q for i in range(0, n, 2048)], dim=1)
+    T = Q.transpose(-1, -2) @ CQ  # (B, l, l)
     values, V = torch.linalg.eigh(0.5 * (T + T.transpose(-1, -2)))
     values, vectors = values[..., :k], Q @ V[..., :k]
     return (values, vectors) if batched else (values[0], vectors[0])
 
 
-def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factors of ``A + δ_b I`` (A (B, n, n) float64, δ (B,)), each δ raised tenfold until it
-    factors. A is shifted in place and restored (up to the rounding of adding and subtracting δ)."""
+def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor, retries: int | None = None) -> torch.Tensor | None:
+    """Lower Cholesky factors of ``A + δ_b I`` (A (B, n, n), δ (B,) float64), each δ raised tenfold until it
+    factors (at most ``retries`` times, default :data:`_RIDGE_RETRIES`). A is shifted in place and restored (up to
+    the rounding of adding and subtracting δ). Returns None when ``retries`` was given and ran out; raises
+    ValueError when the default ran out."""
     diag = torch.diagonal(A, dim1=-2, dim2=-1)  # shifted in place and restored: no n × n temporaries
     delta = delta.clone()
-    for _ in range(_RIDGE_RETRIES + 1):
-        diag.add_(delta[:, None])
+    for _ in range((_RIDGE_RETRIES if retries is None else retries) + 1):
+        shift = delta.to(A.dtype)[:, None]
+        diag.add_(shift)
         try:
             L, info = torch.linalg.cholesky_ex(A)
         finally:
-            diag.sub_(delta[:, None])
+            diag.sub_(shift)
         failed = info != 0
         if not bool(failed.any()):
             return L
         del L
         delta = torch.where(failed, delta * 10, delta)
+    if retries is not None:
+        return None
     raise ValueError(f"C is not positive semi-definite to within a ridge of {delta.max().item():.3g} "
                      "(tr(C)/n · 1e-6 · 10^6): is it a covariance?")
 

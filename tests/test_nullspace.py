@@ -117,6 +117,8 @@ def test_randomized_matches_eigh_on_a_gapped_spectrum_and_is_batched():
     P_true = V[:, :k] @ V[:, :k].t()
     assert (Q.double() @ Q.double().t() - P_true).abs().max() < 1e-2
     assert torch.all(values[1:] >= values[:-1]) and values.max() < 1e-5
+    _, Q64 = nullspace.randomized_smallest(C32, k, precision="float64")  # "auto" ran in float32 here
+    assert (Q64 @ Q64.t() - P_true).abs().max() < 1e-2
     both_v, both_Q = nullspace.smallest_eigenvectors(torch.stack([C32, 3 * C32]), k, method="randomized")
     assert both_Q.shape == (2, n, k)
     assert torch.allclose(both_Q[0], Q, atol=1e-6), "a batch entry is solved as on its own (same seed)"
@@ -154,6 +156,8 @@ def test_ridge_grows_until_the_factorisation_succeeds_and_far_from_psd_is_an_err
         nullspace.smallest_eigenvectors(torch.zeros(64, 64), 4, method="randomized")
     with pytest.raises(ValueError, match="method"):
         nullspace.smallest_eigenvectors(torch.eye(64), 4, method="lanczos")
+    with pytest.raises(ValueError, match="precision"):
+        nullspace.randomized_smallest(torch.eye(64), 4, precision="half")
 
 
 def test_precomputed_bases_are_reused_by_identity_only():

@@ -7,8 +7,9 @@
    ``W Q`` and the base rewrite). Seconds per item, and per block.
 2. ``memory``: peak resident memory *added by* ``lk.inject`` (peak RSS during the call minus RSS before it, each
    configuration in a fresh process) for a smaller Llama shape (hidden 1024, intermediate 2816) with 2, 4 and 8
-   blocks, one pass vs block by block. One pass holds every block's covariances, so it grows with the block
-   count; block by block holds one block's.
+   blocks, one pass vs block by block, with glibc's default allocator and with a fixed mmap threshold (see
+   :data:`ALLOCATORS`). One pass holds every block's covariances, so it grows with the block count; block by
+   block holds one block's.
 3. ``projection``: per-block seconds and bytes from (1), scaled to 7B / 8B / 70B configurations: covariance time
    linear in tokens, solve time by n³ for sizes not measured (70B's 8192 and 28672), covariance memory exact.
 
@@ -150,20 +151,32 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
                 rss_before_mib=before / 1024, peak_added_mib=(peak - before) / 1024, seconds=seconds)
 
 
+# glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which blocks of
+# that size come from the heap and are kept by the process when freed: RSS then also counts memory that Python
+# has released (with the default allocator sequential mode's RSS grows ~50 MiB per block here, one block's
+# weights, although no replaced layer stays alive: checked with weak references). A fixed threshold returns freed
+# large blocks to the system, so RSS follows live memory. Both are measured.
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=128K": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
 def bench_memory(blocks_list, hidden: int, inter: int, r: int) -> list[dict]:
     rows = []
-    for blocks in blocks_list:
+    for allocator, env in ALLOCATORS.items():
+        for blocks in blocks_list:
+            for mode in ("sequential", "one_pass"):
+                cmd = [sys.executable, "-m", "loranull_kernels.bench.calibration_model", "--memory-child", mode,
+                       str(blocks), str(hidden), str(inter), str(r)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
+                row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": allocator}
+                print(f"  {allocator}: {mode} {blocks} blocks: +{row['peak_added_mib']:.0f} MiB peak, "
+                      f"{row['seconds']:.1f} s", flush=True)
+                rows.append(row)
+    for allocator in ALLOCATORS:
         for mode in ("sequential", "one_pass"):
-            cmd = [sys.executable, "-m", "loranull_kernels.bench.calibration_model", "--memory-child", mode,
-                   str(blocks), str(hidden), str(inter), str(r)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {mode} {blocks} blocks: +{row['peak_added_mib']:.0f} MiB peak, {row['seconds']:.1f} s", flush=True)
-            rows.append(row)
-    for mode in ("sequential", "one_pass"):
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["blocks"])
-        for row in mine:
-            row["growth_vs_fewest_blocks"] = row["peak_added_mib"] / mine[0]["peak_added_mib"]
+            mine = sorted((r for r in rows if r["mode"] == mode and r["allocator"] == allocator),
+                          key=lambda r: r["blocks"])
+            for row in mine:
+                row["growth_vs_fewest_blocks"] = row["peak_added_mib"] / mine[0]["peak_added_mib"]
     return rows
 
 
@@ -221,9 +234,10 @@ def markdown(rows: list[dict]) -> str:
                          f"{solve} | {init} |")
     mem = [r for r in rows if r["bench"] == "memory"]
     if mem:
-        parts.append("\n| mode | blocks | peak RSS added by inject (MiB) | × 2 blocks' | seconds |\n|---|---|---|---|---|")
-        for r in sorted(mem, key=lambda r: (r["mode"], r["blocks"])):
-            parts.append(f"| {r['mode']} | {r['blocks']} | {r['peak_added_mib']:.0f} | "
+        parts.append("\n| allocator | mode | blocks | peak RSS added by inject (MiB) | × 2 blocks' | seconds |\n"
+                     "|---|---|---|---|---|---|")
+        for r in sorted(mem, key=lambda r: (r["allocator"], r["mode"], r["blocks"])):
+            parts.append(f"| {r['allocator']} | {r['mode']} | {r['blocks']} | {r['peak_added_mib']:.0f} | "
                          f"{r['growth_vs_fewest_blocks']:.2f} | {r['seconds']:.1f} |")
     proj = [r for r in rows if r["bench"] == "projection"]
     if proj:
@@ -246,14 +260,17 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in ("one_pass", "sequential"):
-        pts = sorted((r["blocks"], r["peak_added_mib"]) for r in mem if r["mode"] == mode)
-        ax.plot(*zip(*pts), marker="o", label=mode)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for allocator, style in zip(ALLOCATORS, ("-", "--")):
+        for mode in ("one_pass", "sequential"):
+            pts = sorted((r["blocks"], r["peak_added_mib"]) for r in mem
+                         if r["mode"] == mode and r["allocator"] == allocator)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=f"{mode} ({allocator})")
     ax.set_xlabel("blocks")
     ax.set_ylabel("peak RSS added by inject (MiB)")
     ax.set_title(f"LoRA-Null calibration memory, hidden {mem[0]['hidden']}", fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=7)
     harness.save_figure(fig, path)
 
 

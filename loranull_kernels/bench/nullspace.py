@@ -1,6 +1,6 @@
 """Null-space solver benchmark (issue 14): ``smallest_eigenvectors`` by eigh vs by randomized subspace iteration.
 
-1. ``leak``: a float32-accumulated covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales
+1. ``leak`` (timed in ``--rounds`` alternating rounds: a ratio per round, median and spread): a float32-accumulated covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales
    ``i^-1`` under a random rotation: eigenvalues from 1 down to 1/n²); the k smallest
    eigenvectors by both methods, timed side by side in one process (the machine's load hits both alike), and the
    held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
@@ -40,7 +40,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0) -> list[dict]:
+def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0, rounds: int = 3) -> list[dict]:
     X, held = heavy_tailed_activations(n, tokens, seed, device)
     C = torch.zeros(n, n, device=device)
     for chunk in X.split(1024):  # float32 accumulation, as calibration does it
@@ -50,14 +50,23 @@ def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0) -> list[dict]
     rows = []
     g = torch.Generator().manual_seed(seed + 1)
     random_A = torch.randn(k, n, generator=g).to(device)
-    base = dict(bench="leak", n=n, k=k, tokens=tokens, random_leak=nullspace.leak(held, random_A))
+    base = dict(bench="leak", n=n, k=k, tokens=tokens, rounds=rounds, random_leak=nullspace.leak(held, random_A))
+    times: dict[str, list[float]] = {"randomized": [], "eigh": []}
     results = {}
-    for method in ("randomized", "eigh"):  # randomized first: eigh's 100 s would otherwise warm the cache for it
-        (values, Q), seconds = _timed(lambda: nullspace.smallest_eigenvectors(C, k, method=method))
-        results[method] = (seconds, nullspace.leak(held, Q.t()), values)
-    eig_s, eig_leak, eig_vals = results["eigh"]
-    for method, (seconds, lk_, values) in results.items():
-        rows.append({**base, "method": method, "seconds": seconds, "speedup_vs_eigh": eig_s / seconds,
+    for _ in range(rounds):  # alternating, so that the load of a shared machine hits both alike
+        for method in times:
+            (values, Q), seconds = _timed(lambda: nullspace.smallest_eigenvectors(C, k, method=method))
+            times[method].append(seconds)
+            results[method] = (nullspace.leak(held, Q.t()), values)
+    ratios = sorted(e / r for e, r in zip(times["eigh"], times["randomized"]))
+    eig_leak, eig_vals = results["eigh"]
+    for method, (lk_, values) in results.items():
+        ts = sorted(times[method])
+        rows.append({**base, "method": method, "seconds": ts[len(ts) // 2], "seconds_min": ts[0],
+                     "seconds_max": ts[-1],
+                     "speedup_vs_eigh": ratios[len(ratios) // 2] if method == "randomized" else 1.0,
+                     "speedup_min": ratios[0] if method == "randomized" else 1.0,
+                     "speedup_max": ratios[-1] if method == "randomized" else 1.0,
                      "leak": lk_, "leak_vs_eigh": lk_ / eig_leak,
                      "max_rel_eigenvalue_err": ((values.double() - eig_vals.double()).abs()
                                                 / eig_vals.double().abs().clamp_min(1e-30)).max().item()})
@@ -88,15 +97,17 @@ def bench_milora(out_f: int, in_f: int, r: int, device, seed: int = 0) -> list[d
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| bench | n | k | method | seconds | × eigh | leak | leak / eigh's | random leak | angles (max / median °) |",
+    lines = ["| bench | n | k | method | median s | × eigh: median (min–max over rounds) | leak | leak / eigh's | "
+             "random leak | angles (max / median °) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         angles = f"{r['max_angle_deg']:.2f} / {r['median_angle_deg']:.2f}" if "max_angle_deg" in r else ""
         leak = f"{r['leak']:.3e}" if "leak" in r else ""
         ratio = f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else ""
         rnd = f"{r['random_leak']:.2e}" if "random_leak" in r else ""
+        spread = f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if r.get("speedup_min", 1.0) != 1.0 else ""
         lines.append(f"| {r['bench']} | {r.get('shape', r['n'])} | {r['k']} | {r['method']} | {r['seconds']:.2f} | "
-                     f"{r['speedup_vs_eigh']:.1f} | {leak} | {ratio} | {rnd} | {angles} |")
+                     f"{r['speedup_vs_eigh']:.1f}{spread} | {leak} | {ratio} | {rnd} | {angles} |")
     return "\n".join(lines)
 
 
@@ -110,6 +121,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=8192, help="calibration (and held-out) tokens")
     parser.add_argument("--milora", nargs="*", default=["4096x1024:16"], help="OUTxIN:r shapes of the MiLoRA bench")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of the leak bench")
     parser.add_argument("--name", default="nullspace")
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
                         "results live in benchmarks/results)")
@@ -121,7 +133,7 @@ def main(argv=None) -> list[dict]:
         nullspace.smallest_eigenvectors(warm, 8, method=method)
     for spec in args.sizes:
         n, k = _pair(spec, ":")
-        rows += bench_leak(n, k, args.tokens, device)
+        rows += bench_leak(n, k, args.tokens, device, rounds=args.rounds)
         print(markdown(rows[-2:]), flush=True)
     for spec in args.milora:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
