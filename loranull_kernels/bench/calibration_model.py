@@ -152,10 +152,10 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
 
 
 # glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which blocks of
-# that size come from the heap and are kept by the process when freed: RSS then also counts memory that Python
-# has released (with the default allocator sequential mode's RSS grows ~50 MiB per block here, one block's
-# weights, although no replaced layer stays alive: checked with weak references). A fixed threshold returns freed
-# large blocks to the system, so RSS follows live memory. Both are measured.
+# that size come from the heap and may be kept by the process when freed: RSS then also counts memory Python has
+# released, which makes it noisy (no replaced layer stays alive during sequential calibration: checked with weak
+# references). A fixed threshold returns freed large blocks to the system, so RSS follows live memory. Both are
+# measured.
 ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=128K": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
