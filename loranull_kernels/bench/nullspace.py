@@ -4,7 +4,9 @@
    ``i^-1`` under a random rotation: eigenvalues from 1 down to 1/n²); the k smallest
    eigenvectors by both methods, timed side by side in one process (the machine's load hits both alike), and the
    held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
-2. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
+2. ``model_activations`` (``--model-activations``): the same leak comparison on the attention and down_proj inputs
+   of a Llama-shaped block with random weights and tokens.
+3. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
    the principal angles between the two subspaces.
 
 Run ``python -m loranull_kernels.bench.nullspace [--sizes 2048:16 4096:128] [--milora 4096x1024:16]``; writes
@@ -73,6 +75,42 @@ def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0, rounds: int =
     return rows
 
 
+def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: int = 0) -> list[dict]:
+    """Held-out leak of eigh's and the randomized solver's null spaces on a Llama-shaped block's activations
+    (random weights and tokens: model activations, not a trained model's): the attention input (n = hidden) and
+    down_proj's input (n = inter), calibrated on ``tokens`` tokens and measured on as many others."""
+    from .calibration_model import llama, token_batches
+
+    model = llama(hidden, inter, 1, heads=max(1, hidden // 128), seed=seed)
+    block = model.model.layers[0]
+    mods = {"attn_in": block.self_attn.q_proj, "down_proj_in": block.mlp.down_proj}
+    seen: dict[str, list] = {n: [] for n in mods}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in mods.items()]
+    with torch.no_grad():
+        for batch in token_batches(2 * max(1, tokens // 512), 1, 512, seed=seed + 1):
+            model(**batch)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for name, xs in seen.items():
+        X = torch.cat(xs)
+        half = X.shape[0] // 2
+        C = torch.zeros(X.shape[1], X.shape[1])
+        covariance_update(C, X[:half])
+        C /= half
+        held = X[half:]
+        out = {}
+        for method in ("randomized", "eigh"):
+            (_, Q), seconds = _timed(lambda: nullspace.smallest_eigenvectors(C, k, method=method))
+            out[method] = (seconds, nullspace.leak(held, Q.t()))
+        for method, (seconds, lk_) in out.items():
+            rows.append(dict(bench="model_activations", item=name, n=X.shape[1], k=k, tokens=half, method=method,
+                             seconds=seconds, speedup_vs_eigh=out["eigh"][0] / seconds, leak=lk_,
+                             leak_vs_eigh=lk_ / out["eigh"][1]))
+    return rows
+
+
 def principal_angles_deg(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
     """Principal angles (degrees, ascending) between the column spans of orthonormal Q1, Q2 (n, r)."""
     s = torch.linalg.svdvals(Q1.double().t() @ Q2.double()).clamp(max=1.0)
@@ -121,6 +159,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=8192, help="calibration (and held-out) tokens")
     parser.add_argument("--milora", nargs="*", default=["4096x1024:16"], help="OUTxIN:r shapes of the MiLoRA bench")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--model-activations", default=None, help="HIDDENxINTER:k: leak on a Llama-shaped block's "
+                        "activations (e.g. 1024x2816:64)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of the leak bench")
     parser.add_argument("--name", default="nullspace")
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
@@ -135,6 +175,10 @@ def main(argv=None) -> list[dict]:
         n, k = _pair(spec, ":")
         rows += bench_leak(n, k, args.tokens, device, rounds=args.rounds)
         print(markdown(rows[-2:]), flush=True)
+    if args.model_activations:
+        h, i, k = _pair(args.model_activations.replace("x", ":"), ":")
+        rows += bench_model_activations(h, i, k, args.tokens)
+        print(markdown(rows[-4:]), flush=True)
     for spec in args.milora:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
         rows += bench_milora(out_f, in_f, r, device)
