@@ -6,8 +6,6 @@ else the smallest eigenvectors of the smaller Gram matrix of W by randomized sub
 (principal angles to the exact minor subspace: benchmarks/results/nullspace_*.csv). The reference code uses
 alpha = r (s = 1) for MiLoRA: keep that convention when comparing with plain LoRA at alpha = 2r.
 """
-import torch
-
 from .base import AdapterInit, Method, split_singular
 
 
