@@ -19,13 +19,23 @@ def _check_fresh(model: nn.Module) -> None:
                          "inject into the original model, or use load_adapter to replace their weights")
 
 
-def _check_ranks(targets: list[tuple[str, nn.Module]], r: int) -> None:
+def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) -> None:
+    """r and LoRA-Null's null_dim against every target's shape, before calibration or any layer is replaced."""
+    r = config.r
     too_small = [(n, linear_shape(m)) for n, m in targets if r > min(linear_shape(m))]
     if too_small:
         name, (i, o) = too_small[0]
         more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
         raise ValueError(f"AdapterConfig.r={r} exceeds min(in_features, out_features) = {min(i, o)} of layer "
                          f"{name!r} (in={i}, out={o}){more}: lower r or exclude the layer")
+    null_dim = config.null_dim if config.method == "lora_null" else None
+    too_narrow = [(n, linear_shape(m)) for n, m in targets if null_dim is not None and null_dim > linear_shape(m)[0]]
+    if too_narrow:
+        name, (i, o) = too_narrow[0]
+        more = f" (and {len(too_narrow) - 1} more)" if len(too_narrow) > 1 else ""
+        raise ValueError(f"AdapterConfig.null_dim={null_dim} exceeds in_features={i} of layer {name!r} "
+                         f"(in={i}, out={o}){more}: the null space Q is (in, null_dim); lower null_dim or exclude "
+                         "the layer")
 
 
 def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
@@ -149,7 +159,7 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
 
     check_options(calibration_mode, offload)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
-    _check_ranks(targets, config.r)
+    _check_ranks(targets, config)
     generators: dict[torch.device, torch.Generator] = {}
 
     def make_layer(name: str, linear: nn.Linear) -> LoRALinear:

@@ -206,3 +206,21 @@ def test_bad_configs_raise_clear_errors():
         inject(torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2)), lk.AdapterConfig(r=2, target_modules=["out_proj"]))
     with pytest.raises(TypeError, match="AdapterConfig"):
         inject(tiny_model("llama"), {"method": "lora"})
+
+
+def test_null_dim_above_a_layers_in_features_is_refused_before_calibration_naming_the_layer():
+    model = tiny_model("llama")
+    before = {n: type(m) for n, m in model.named_modules()}
+    widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = lk.AdapterConfig(method="lora_null", r=4, null_dim=widest + 1, target_modules=["q_proj", "down_proj"])
+    calls = []
+
+    class Batches:  # calibration data that records whether anyone read it
+        def __iter__(self):
+            calls.append(1)
+            return iter(token_batches(1))
+
+    with pytest.raises(ValueError, match=r"null_dim=\d+ exceeds in_features=\d+ of layer '.*(q_proj|down_proj)'"):
+        inject(model, cfg, calibration_data=Batches())
+    assert not calls  # refused before calibration
+    assert {n: type(m) for n, m in model.named_modules()} == before  # and before any layer was replaced
