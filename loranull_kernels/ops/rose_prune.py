@@ -7,8 +7,9 @@ For A (r, in) the selection groups are its rows, for B (out, r) its columns ("li
    the others ``mask = True``; then p is clamped to ``±clamp`` when one is given.
 
 ``count`` is not incremented here (the caller does, once per layer). The Triton backend does all of it in one
-kernel launch per layer, one pass over the entries (:mod:`loranull_kernels.triton.rose_prune`); the torch backend is
-the fallback and the reference. Both choose the same entries for the same importances.
+kernel launch per layer (:mod:`loranull_kernels.triton.rose_prune`): one pass over the entries for lines of up to
+``MAX_BLOCK`` entries, chunked passes over longer ones; the torch backend is the fallback and the reference. Both
+choose the same entries for the same importances.
 """
 from __future__ import annotations
 
@@ -74,12 +75,37 @@ def _kernel():
     return rose_prune_kernel
 
 
+# The longest line held whole in registers: 8192 entries at 16 warps is 16 a thread. Longer lines are streamed in
+# chunks of this length (16384 at 32 warps spilled on sm_90: compile_check --report). Tests lower it to reach the
+# streaming path at small sizes under the interpreter.
+MAX_BLOCK = 8192
+
+
 def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _launch_block(n: int) -> tuple[int, bool]:
+    """(BLOCK, LONG) for lines of length ``n``: the whole line, or ``MAX_BLOCK``-long chunks of a longer one."""
+    block = _block(n)
+    return (block, False) if block <= MAX_BLOCK else (MAX_BLOCK, True)
+
+
 def _warps(block: int) -> int:
     return min(32, max(4, block // 512))
+
+
+def _launch_options(block_a: int, block_b: int) -> dict:
+    """``num_warps`` and ``maxnreg`` of a launch whose factors' lines (or chunks) are ``block_a``/``block_b`` long.
+
+    bool masks are written as bytes; a whole line (or chunk) lives in registers, so wide ones get more warps: at
+    most 16 entries a thread (32 spilled on sm_90, compile_check --report). ``maxnreg`` is the register file's share
+    of a thread (capped at 255): left unset, ptxas held a 16-warp launch to 64 registers and spilled 8 B (a
+    chunked 11008-long line beside 4096-long ones), given it, 80 and no spill. Few programs run, so the
+    occupancy ptxas traded for does not matter here.
+    """
+    warps = _warps(max(block_a, block_b))
+    return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps)))
 
 
 def _triton(count, ema, A, B, n_prune_A, n_prune_B, prune, clamp) -> None:
@@ -90,10 +116,7 @@ def _triton(count, ema, A, B, n_prune_A, n_prune_B, prune, clamp) -> None:
     lines_b = b.param.shape[1] if B is not None else 0
     n_a = a.param.shape[1] if A is not None else 1
     n_b = b.param.shape[0] if B is not None else 1
-    block_a, block_b = _block(n_a), _block(n_b)
-    # bool masks are written as bytes; a whole line lives in registers, so wide lines get more warps: at most 16
-    # entries a thread (32 spilled on sm_90, compile_check --report) up to 16384-long lines.
-    warps = _warps(max(block_a, block_b))
+    (block_a, long_a), (block_b, long_b) = _launch_block(n_a), _launch_block(n_b)
     ma, mb = a.mask.view(torch.uint8), b.mask.view(torch.uint8)
     _kernel()[(lines_a + lines_b,)](
         a.param, a.grad, a.importance, ma, b.param, b.grad, b.importance, mb, count,
@@ -101,7 +124,8 @@ def _triton(count, ema, A, B, n_prune_A, n_prune_B, prune, clamp) -> None:
         *a.param.stride(), *a.grad.stride(), *a.importance.stride(), *ma.stride(),
         *b.param.stride(), *b.grad.stride(), *b.importance.stride(), *mb.stride(),
         float(ema), int(n_prune_A), int(n_prune_B), float(clamp or 0.0),
-        PRUNE=bool(prune), CLAMP=clamp is not None, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
+        PRUNE=bool(prune), CLAMP=clamp is not None, BLOCK_A=block_a, BLOCK_B=block_b, LONG_A=long_a, LONG_B=long_b,
+        **_launch_options(block_a, block_b),
     )
 
 
