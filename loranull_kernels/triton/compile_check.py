@@ -215,40 +215,43 @@ def covariance_cases():
                        tile=(cfg["BLOCK"], cfg["BLOCK"], cfg["BLOCK_T"]), dot_dtype=dtype)
 
 
-def rose_prune_cases():
-    """RoseLoRA's fused prune kernel for the launch shapes ``ops/rose_prune.py`` uses (its block, chunk and warp
-    rule): short lines, lines long enough to need 16 warps, and lines streamed in chunks (Llama-7B's 11008-wide
-    down_proj input, 28672-wide MLPs of 70B models, 65536); pruning and clamping on and off. All gated: a spill
-    fails the check at any of them."""
+def rose_prune_case(dtype: str, prune: bool, clamp: bool, r: int, n_in: int, n_out: int) -> Case:
+    """RoseLoRA's fused prune kernel as ``ops/rose_prune.py`` launches it (its block, chunk, warp and register rule)
+    on contiguous factors A (r, n_in) and B (n_out, r) of ``dtype`` ("bf16", "fp16", "fp32")."""
     import torch
 
     from ..ops.rose_prune import _launch_block, _launch_options
     from .rose_prune import rose_prune_kernel as fn
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    d = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    (block_a, long_a), (block_b, long_b) = _launch_block(n_in), _launch_block(n_out)
+    a = lambda dt=d: torch.empty(r, n_in, dtype=dt, device="meta")  # noqa: E731
+    b = lambda dt=d: torch.empty(n_out, r, dtype=dt, device="meta")  # noqa: E731
+    args = dict(a_ptr=a(), ga_ptr=a(), ia_ptr=a(torch.float32), ma_ptr=a(torch.uint8),
+                b_ptr=b(), gb_ptr=b(), ib_ptr=b(torch.float32), mb_ptr=b(torch.uint8),
+                count_ptr=torch.empty((), dtype=torch.int64, device="meta"), LINES_A=r, N_A=n_in, N_B=n_out,
+                ema=0.8, prune_a=n_in // 2, prune_b=n_out // 2, clamp=0.5)
+    for prefix, (s0, s1) in (("a", (n_in, 1)), ("ga", (n_in, 1)), ("ia", (n_in, 1)), ("ma", (n_in, 1)),
+                             ("b", (r, 1)), ("gb", (r, 1)), ("ib", (r, 1)), ("mb", (r, 1))):
+        args[f"s_{prefix}0"], args[f"s_{prefix}1"] = s0, s1
+    sig, cx, attrs = specialize(fn, args, dict(PRUNE=prune, CLAMP=clamp, BLOCK_A=block_a, BLOCK_B=block_b,
+                                               LONG_A=long_a, LONG_B=long_b))
+    shape = "x".join(f"{n}{'(chunked)' if long else ''}" for n, long in ((n_in, long_a), (n_out, long_b)))
+    return Case(f"rose_prune[{dtype}, prune={int(prune)}, clamp={int(clamp)}, r={r}, {shape}]", fn, sig, cx, attrs,
+                _launch_options(block_a, block_b), table="rose_prune")
+
+
+def rose_prune_cases():
+    """The prune kernel at short lines, lines long enough to need 16 warps, and lines streamed in chunks
+    (Llama-7B's 11008-wide down_proj input, 28672-wide MLPs, 65536), beside short and long lines of the other
+    factor; pruning and clamping on and off. All gated: a spill at any of them fails the check."""
     # (dtype, prune, clamp, r, in_features, out_features)
-    for dtype, prune, clamp, r, n_in, n_out in [("fp32", True, False, 16, 16, 16), ("fp32", False, False, 16, 4096, 32),
-                                                ("bf16", True, True, 16, 2048, 16), ("fp32", True, True, 8, 16384, 16384),
-                                                ("fp16", True, False, 64, 64, 8192), ("bf16", True, True, 16, 11008, 4096),
-                                                ("bf16", True, False, 16, 4096, 11008),
-                                                ("bf16", True, True, 64, 28672, 8192),
-                                                ("fp32", False, False, 16, 65536, 65536),
-                                                ("fp16", True, True, 16, 8192, 65536)]:
-        (block_a, long_a), (block_b, long_b) = _launch_block(n_in), _launch_block(n_out)
-        a = lambda d=dt[dtype]: torch.empty(r, n_in, dtype=d, device="meta")  # noqa: E731
-        b = lambda d=dt[dtype]: torch.empty(n_out, r, dtype=d, device="meta")  # noqa: E731
-        args = dict(a_ptr=a(), ga_ptr=a(), ia_ptr=a(torch.float32), ma_ptr=a(torch.uint8),
-                    b_ptr=b(), gb_ptr=b(), ib_ptr=b(torch.float32), mb_ptr=b(torch.uint8),
-                    count_ptr=torch.empty((), dtype=torch.int64, device="meta"), LINES_A=r, N_A=n_in, N_B=n_out,
-                    ema=0.8, prune_a=n_in // 2, prune_b=n_out // 2, clamp=0.5)
-        for prefix, (s0, s1) in (("a", (n_in, 1)), ("ga", (n_in, 1)), ("ia", (n_in, 1)), ("ma", (n_in, 1)),
-                                 ("b", (r, 1)), ("gb", (r, 1)), ("ib", (r, 1)), ("mb", (r, 1))):
-            args[f"s_{prefix}0"], args[f"s_{prefix}1"] = s0, s1
-        sig, cx, attrs = specialize(fn, args, dict(PRUNE=prune, CLAMP=clamp, BLOCK_A=block_a, BLOCK_B=block_b,
-                                                   LONG_A=long_a, LONG_B=long_b))
-        shape = "x".join(f"{n}{'/chunked' if long else ''}" for n, long in ((n_in, long_a), (n_out, long_b)))
-        yield Case(f"rose_prune[{dtype}, prune={prune}, clamp={clamp}, {shape}]", fn, sig, cx, attrs,
-                   _launch_options(block_a, block_b), table="rose_prune")
+    for args in [("fp32", True, False, 16, 16, 16), ("fp32", False, False, 16, 4096, 32),
+                 ("bf16", True, True, 16, 2048, 16), ("fp32", True, True, 8, 16384, 16384),
+                 ("fp16", True, False, 64, 64, 8192), ("bf16", True, True, 16, 11008, 4096),
+                 ("bf16", True, False, 16, 4096, 11008), ("bf16", True, True, 64, 28672, 8192),
+                 ("fp32", False, False, 16, 65536, 65536), ("fp16", True, True, 16, 8192, 65536)]:
+        yield rose_prune_case(*args)
 
 
 GROUPS = {"lora_linear": lora_linear_cases, "covariance": covariance_cases, "rose_prune": rose_prune_cases}
