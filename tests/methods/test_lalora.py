@@ -195,7 +195,9 @@ def test_compositions_train():
                 lk.AdapterConfig(method="kasa", regularizer="lalora", r=3)):
         model = two_layer(cfg)
         lk.estimate_curvature(model, source_batches(dtype=torch.float32), loss_fn=mse)
-        losses = train(model, x, y, steps=15)
+        # 40 steps: at 15, the frozen-A composition's loss ratio reached 0.898 on one of 60 random inits (and 0.904
+        # once in a suite run) against the 0.9 bar; at 40 the worst of 60 inits is 0.81 (torch backend).
+        losses = train(model, x, y, steps=40)
         assert losses[-1] < 0.9 * losses[0], (cfg.method, losses)
         if cfg.freeze_A:
             assert model[0].lalora_A0 is None, "a frozen A carries no LaLoRA state"
