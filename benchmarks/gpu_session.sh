@@ -106,8 +106,8 @@ step gpu_tests 150 \
   "$PY -m pytest -q -x -m gpu tests && $PY -m pytest -q -x $GPU_TESTS" \
   "$PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
 step bench_calibration 120 \
-  "$PY -m loranull_kernels.bench.calibration --quick" \
-  "$(parse_only loranull_kernels.bench.calibration) --quick"
+  "$PY -m loranull_kernels.bench.calibration --quick --out-dir $OUT" \
+  "$(parse_only loranull_kernels.bench.calibration) --quick --out-dir $OUT"
 step bench_nullspace 90 \
   "$PY -m loranull_kernels.bench.calibration_model --only layers --out-dir $OUT" \
   "$(parse_only loranull_kernels.bench.calibration_model) --only layers --out-dir $OUT"

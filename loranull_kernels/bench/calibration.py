@@ -253,7 +253,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--only", nargs="*", choices=("covariance", "rsvd", "batched"), default=None,
                         help="run only these benchmarks")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per provider")
-    parser.add_argument("--name", default="calibration", help="CSV/PNG base name under benchmarks/results/")
+    parser.add_argument("--name", default="calibration", help="CSV/PNG base name")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write (default: $LORANULL_RESULTS or ~/.cache/loranull_kernels/results; "
+                             "benchmarks/results rewrites a checkout's committed results)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -269,13 +272,8 @@ def main(argv=None) -> list[dict]:
     if "batched" in only:
         rows += bench_batched(device, args.quick, rounds)
     name = args.name + ("_quick" if args.quick else "")
-    csv_path = harness.write_csv(rows, harness.results_path(name, "csv", device), device)
-    png_path = harness.results_path(name, "png", device)
-    plot(rows, png_path, device)
-    env = harness.environment(device)
-    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}\n")
-    print(markdown_tables(rows))
-    print(f"\nwrote {csv_path} and {png_path}")
+    harness.finish(rows, name, device, markdown_tables(rows), args.out_dir,
+                   lambda rows, path: plot(rows, path, device))
     return rows
 
 

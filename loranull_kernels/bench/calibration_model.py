@@ -303,14 +303,7 @@ def main(argv=None) -> list[dict]:
         h, i = (int(v) for v in args.memory_shape.split("x"))
         print(f"memory: hidden {h}, intermediate {i}", flush=True)
         rows += bench_memory(args.blocks, h, i, r=16)
-    device = torch.device("cpu")
-    path = harness.write_csv(rows, harness.results_path(args.name, "csv", device, out_dir=args.out_dir), device)
-    png = harness.results_path(args.name, "png", device, out_dir=args.out_dir)
-    plot(rows, png)
-    env = harness.environment(device)
-    print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}; threads {torch.get_num_threads()}\n")
-    print(markdown(rows))
-    print(f"\nwrote {path}")
+    harness.finish(rows, args.name, torch.device("cpu"), markdown(rows), args.out_dir, plot)
     return rows
 
 

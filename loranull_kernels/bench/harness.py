@@ -261,3 +261,20 @@ def save_figure(fig, path) -> Path:
 
 def _isnan(v) -> bool:
     return isinstance(v, float) and math.isnan(v)
+
+
+def finish(rows: list[dict], name: str, device, table: str, out_dir=None, plot=None) -> dict[str, Path]:
+    """The end of every benchmark command: write ``rows`` as ``{name}_{device}.csv`` (and the figure, through
+    ``plot(rows, path)`` when given) to ``out_dir`` (default :func:`default_out_dir`), print where and with what it
+    ran, ``table`` and the paths written. Returns ``{"csv": path[, "png": path]}``."""
+    paths = {"csv": write_csv(rows, results_path(name, "csv", device, out_dir), device)}
+    if plot is not None:
+        paths["png"] = results_path(name, "png", device, out_dir)
+        plot(rows, paths["png"])
+    env = environment(device)
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
+          f"threads {torch.get_num_threads()}\n")
+    print(table)
+    print("\nwrote " + " and ".join(str(p) for p in paths.values()))
+    return paths
+

@@ -183,11 +183,7 @@ def main(argv=None) -> list[dict]:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
         rows += bench_milora(out_f, in_f, r, device)
         print(markdown(rows[-2:]), flush=True)
-    path = harness.write_csv(rows, harness.results_path(args.name, "csv", device, out_dir=args.out_dir), device)
-    env = harness.environment(device)
-    print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}; threads {torch.get_num_threads()}\n")
-    print(markdown(rows))
-    print(f"\nwrote {path}")
+    harness.finish(rows, args.name, device, markdown(rows), args.out_dir)
     return rows
 
 
