@@ -1,12 +1,12 @@
-"""Triton kernel of RoseLoRA's step: importance EMA, per-line top-k selection, mask, zeroing and clamp in one pass.
+"""Triton kernel of RoseLoRA's step: importance EMA, per-line top-k selection, mask, zeroing and clamp in one launch.
 
 A "line" is a row of A (r, in) or a column of B (out, r): the groups within which RoseLoRA keeps its top entries.
 One launch covers a layer: programs ``[0, LINES_A)`` take A's rows, the rest B's columns (strided; B is small).
 
 Selection without sorting: importances are ≥ 0, so their float32 bit patterns order like the values; a 31-step
 bisection over the bit patterns finds the ``n_prune``-th smallest ``T``; entries below ``T`` are pruned, then the
-first of those equal to ``T`` in index order (a second bisection) until exactly ``n_prune`` are: the same choice as a stable
-ascending sort (the torch fallback). Portable across Triton 3.6 – 3.9: plain pointers, no dots.
+first of those equal to ``T`` in index order (a second bisection) until exactly ``n_prune`` are: the same choice as a
+stable ascending sort (the torch fallback). Portable across Triton 3.6 – 3.9: plain pointers, no dots.
 
 Two paths, chosen per factor by a constexpr:
 

@@ -37,7 +37,8 @@ def _factor(rows, cols, dtype, line_dim):
 def _run(backend, A, B, grads, n_prune_A, n_prune_B, clamp):
     a, b = A.clone(), B.clone()
     ia, ib = torch.zeros(a.shape, device=DEVICE), torch.zeros(b.shape, device=DEVICE)
-    ma, mb = torch.zeros(a.shape, dtype=torch.bool, device=DEVICE), torch.zeros(b.shape, dtype=torch.bool, device=DEVICE)
+    ma = torch.zeros(a.shape, dtype=torch.bool, device=DEVICE)
+    mb = torch.zeros(b.shape, dtype=torch.bool, device=DEVICE)
     count = torch.zeros((), dtype=torch.int64, device=DEVICE)
     with lk.backend.use(backend):
         for step, (ga, gb) in enumerate(grads):  # the EMA's first update, then a decayed one that prunes
