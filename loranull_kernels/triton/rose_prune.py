@@ -14,7 +14,7 @@ Two paths, chosen per factor by a constexpr:
   entry, its gradient, its importance and its mask are read and written once;
 * long lines (``LONG`` true, ``BLOCK`` a chunk shorter than the line): a whole line no longer fits in registers
   without spilling on sm_90 (16384 entries at 32 warps is 64 a thread), so the line is streamed in ``BLOCK``-long
-  chunks: one pass for the EMA (the new importance is stored), one pass over the stored importance per bisection
+  chunks (the launcher's are half its longest whole line: the last pass holds several values an entry): one pass for the EMA (the new importance is stored), one pass over the stored importance per bisection
   step (a count, from L1/L2: a line is at most a few hundred KiB), and a last pass that writes masks and
   parameters. The ties are cut inside the one chunk where the running count of ties crosses what is still needed.
   Same arithmetic, same choice as the short path.
