@@ -195,9 +195,9 @@ def test_compositions_train():
                 lk.AdapterConfig(method="kasa", regularizer="lalora", r=3)):
         model = two_layer(cfg)
         lk.estimate_curvature(model, source_batches(dtype=torch.float32), loss_fn=mse)
-        # 40 steps: at 15, the frozen-A composition's loss ratio reached 0.898 on one of 60 random inits (and 0.904
-        # once in a suite run) against the 0.9 bar; at 40 the worst of 60 inits is 0.81 (torch backend).
-        losses = train(model, x, y, steps=40)
+        # 80 steps: the frozen-A composition learns slowest; its loss ratio, worst of N random inits (auto backend):
+        # 15 steps 0.898 (N=60), 40: 0.83 (N=140), 60: 0.81 (N=160), 80: 0.75 (N=100, mean 0.65, sd 0.04).
+        losses = train(model, x, y, steps=80)
         assert losses[-1] < 0.9 * losses[0], (cfg.method, losses)
         if cfg.freeze_A:
             assert model[0].lalora_A0 is None, "a frozen A carries no LaLoRA state"
