@@ -2,51 +2,16 @@
 offset, against the float64 reference: a kernel that assumes a stride reads the wrong elements (issue: the bias and
 rank_scale of lora_linear were read as if contiguous). The gaps around strided data hold NaN (or the mask's
 negation), so a misread cannot go unnoticed."""
-import math
-
 import pytest
 import torch
 
 import loranull_kernels as lk
 from loranull_kernels import reference
-from loranull_kernels.ops.lora_linear import keep_mask
 from loranull_kernels.ops.rose_prune import RoseTensors, rose_prune_
 
 from ..conftest import DEVICE
-from ..helpers import assert_close, f64
-
-LAYOUTS = ["strided", "transposed", "offset", "expanded"]
-
-
-def _filler(t):
-    return ~t if t.dtype == torch.bool else torch.full_like(t, math.nan)
-
-
-def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """``t``'s values in ``layout`` (differentiable back to ``t``). ``expanded`` broadcasts the first row (or the
-    first element of a vector) over the leading dimension: the values change, callers compare against the same
-    expanded tensor."""
-    if layout == "strided":  # every other element of a twice-as-wide buffer
-        return torch.stack([t, _filler(t)], dim=-1)[..., 0]
-    if layout == "transposed":  # column-major (a vector: stride 3 in a buffer of garbage)
-        if t.dim() == 1:
-            return torch.stack([t, _filler(t), _filler(t)], dim=-1)[:, 0]
-        return t.t().contiguous().t()
-    if layout == "offset":  # the data starts 7 elements into a buffer that holds garbage on both sides
-        pad = _filler(t.reshape(-1)[:1]).expand(7)
-        return torch.cat([pad, t.reshape(-1), pad])[7:7 + t.numel()].view(t.shape)
-    if layout == "expanded":
-        return t[:1].expand(t.shape)
-    raise ValueError(layout)
-
-
-def _expected_strides(t: torch.Tensor, layout: str) -> None:
-    if layout == "expanded":
-        assert t.stride(0) == 0
-    elif layout == "offset":
-        assert t.storage_offset() == 7
-    else:
-        assert not t.is_contiguous()
+from ..helpers import assert_close
+from .layouts import LAYOUTS, check_lora_linear_in_layout, expected_strides, lay_out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -54,43 +19,7 @@ def _expected_strides(t: torch.Tensor, layout: str) -> None:
 def test_lora_linear_every_argument_in_layout(layout, dropout_p):
     """x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B and the incoming gradient all in ``layout``;
     output and every gradient match the float64 reference computed from the same values."""
-    M, K, N, r = 13, 37, 21, 5
-    leaves = {
-        "x": torch.randn(M, K, device=DEVICE),
-        "lora_A": torch.randn(r, K, device=DEVICE) / math.sqrt(K),
-        "lora_B": torch.randn(N, r, device=DEVICE),
-        "rank_scale": torch.randn(r, device=DEVICE),
-        "bias": torch.randn(N, device=DEVICE),
-    }
-    weight = torch.randn(N, K, device=DEVICE) / math.sqrt(K)
-    masks = {"mask_A": torch.rand(r, K, device=DEVICE) > 0.3, "mask_B": torch.rand(N, r, device=DEVICE) > 0.3}
-    grad_y = torch.randn(M, N, device=DEVICE)
-    for t in leaves.values():
-        t.requires_grad_(True)
-
-    args = {name: lay_out(t, layout) for name, t in {**leaves, **masks}.items()}
-    w, gy = lay_out(weight, layout), lay_out(grad_y, layout)
-    for t in (*args.values(), w, gy):
-        _expected_strides(t, layout)
-    seed = 99
-    with lk.backend.use("triton"):
-        y = lk.lora_linear(args["x"], w, args["lora_A"], args["lora_B"], 0.8, bias=args["bias"], dropout_p=dropout_p,
-                           rank_scale=args["rank_scale"], mask_A=args["mask_A"], mask_B=args["mask_B"], seed=seed)
-    y.backward(gy)
-
-    # The reference sees the same values, contiguous, in float64.
-    ref = {name: f64(t.detach()).requires_grad_(True) for name, t in leaves.items()}
-    ref_args = {name: lay_out(t, layout).contiguous() for name, t in ref.items()}
-    km = keep_mask(seed, M, K, dropout_p, DEVICE, "triton") if dropout_p else None
-    y_ref = reference.lora_linear(
-        ref_args["x"], f64(w.contiguous()), ref_args["lora_A"], ref_args["lora_B"], 0.8, bias=ref_args["bias"],
-        dropout_p=dropout_p, rank_scale=ref_args["rank_scale"], mask_A=args["mask_A"].contiguous(),
-        mask_B=args["mask_B"].contiguous(), keep_mask=km)
-    y_ref.backward(f64(gy.contiguous()))
-
-    assert_close(y, y_ref, torch.float32, "y")
-    for name, leaf in leaves.items():
-        assert_close(leaf.grad, ref[name].grad, torch.float32, f"d{name}")
+    check_lora_linear_in_layout("triton", layout, dropout_p, torch.float32, DEVICE, (13, 37, 21, 5), 0.8, seed=99)
 
 
 def test_strided_bias_and_rank_scale_match_contiguous_call():
@@ -140,7 +69,7 @@ def test_rose_prune_every_tensor_in_layout(layout):
     plain = {k: [t.clone() for t in v] for k, v in base.items()}
     for k in laid:
         for t in laid[k]:
-            _expected_strides(t, layout)
+            expected_strides(t, layout)
     for name, tensors, count in (("triton", laid, torch.ones((), dtype=torch.int64)),
                                  ("torch", plain, torch.ones((), dtype=torch.int64))):
         with lk.backend.use(name):
