@@ -1,7 +1,7 @@
 """DDP training worker for tests/test_ddp.py (its own module so torch.multiprocessing's spawn can import it)."""
-import os
-
 import torch
+
+from tests.helpers import gloo_worker
 
 STEPS, LR = 3, 0.5
 
@@ -40,26 +40,14 @@ def train(model, ids):
 
 
 def ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import loranull_kernels as lk
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    def body(rank):
         with lk.backend.use("torch"):
             model = DDP(adapted_llama())
-            ids = batch()[rank::world_size]
-            params = train(model, ids)
-        torch.save([p.detach() for p in params], f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without running destructors: freeing DDP's Reducer drops the last reference to the gloo process group,
-    # whose destructor joins its worker thread while holding the GIL, and that thread may need the GIL to release
-    # a finished work item: a deadlock seen on this CPU machine (py-spy: ~ProcessGroupGloo -> thread::join vs
-    # gil_scoped_acquire in runLoop). The results are on disk; exit code 0 tells torch.multiprocessing it succeeded.
-    os._exit(0)
+            params = train(model, batch()[rank::world_size])
+        return [p.detach() for p in params]
+
+    gloo_worker(rank, world_size, port, out_dir, body)

@@ -54,3 +54,27 @@ def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 300.0) -> No
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail(f"{nprocs} worker processes of {getattr(fn, '__name__', fn)} did not finish in {timeout_s:.0f} s")
+
+
+def gloo_worker(rank: int, world_size: int, port: int, out_dir: str, body) -> None:
+    """The scaffolding of a 2-process training test's worker: rendezvous on the loopback ``port`` with gloo, one
+    thread, ``result = body(rank)``, ``torch.save(result, out_dir/rank{rank}.pt)``, a barrier, then exit.
+
+    It leaves without running destructors: freeing DDP's Reducer drops the last reference to the gloo process group,
+    whose destructor joins its worker thread while holding the GIL, and that thread may need the GIL to release a
+    finished work item: a deadlock seen on this CPU machine (py-spy: ~ProcessGroupGloo -> thread::join vs
+    gil_scoped_acquire in runLoop). The results are on disk; exit code 0 tells torch.multiprocessing it succeeded."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(body(rank), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)

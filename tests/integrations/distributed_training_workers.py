@@ -1,9 +1,10 @@
 """Workers of tests/integrations/test_distributed_training.py (their own module so torch.multiprocessing's spawn can
 import them): KaSA + RoseLoRA adapters trained under DDP and under FSDP2 (fully_shard) on 2 gloo CPU processes,
 with the penalty added by the penalty hooks and the masks by after_optimizer_step."""
-import os
 
 import torch
+
+from tests.helpers import gloo_worker
 
 STEPS, LR = 3, 0.5
 CONFIG = dict(method="kasa", sparsity="roselora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -50,16 +51,12 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str):
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import loranull_kernels as lk
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    def body(rank):
         ids = batch()[rank::world_size]
         with lk.backend.use("torch"):
             model = adapted_llama()
@@ -76,10 +73,6 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
             train(model, ids)
             result["fsdp2"] = adapter_state(model)
             result["penalty"] = lk.regularize.penalty_values(model)
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without running destructors (see tests/ddp_workers.py: a gloo teardown deadlock on this CPU machine).
-    os._exit(0)
+        return result
+
+    gloo_worker(rank, world_size, port, out_dir, body)
