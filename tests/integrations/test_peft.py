@@ -23,15 +23,6 @@ def _torch_backend():
         yield
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls that reach the fused op."""
-    calls = []
-    real = lkpeft.lora_linear
-    monkeypatch.setattr(lkpeft, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def _peft_model(kind="llama", dtype=torch.float32, **cfg):
     cfg.setdefault("target_modules", TARGETS)
     cfg.setdefault("init_lora_weights", False)  # nonzero B, so the adapter path shows in outputs and dA
@@ -49,11 +40,11 @@ def _run(model, batch):
     return out.detach(), grads
 
 
-def _compare(model, batch, dtype, spy, expect_fused=True, tol=None):
+def _compare(model, batch, dtype, fused_calls, expect_fused=True, tol=None):
     ref_out, ref_grads = _run(model, batch)
     lkpeft.patch(model)
     out, grads = _run(model, batch)
-    assert (len(spy) > 0) == expect_fused
+    assert (len(fused_calls) > 0) == expect_fused
     assert_close(out, ref_out, dtype, "output", tol)
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
@@ -67,34 +58,34 @@ def _compare(model, batch, dtype, spy, expect_fused=True, tol=None):
     dict(r=4, lora_alpha=8, init_lora_weights="pissa"),
     dict(r=4, lora_alpha=8, kasa_config=KasaConfig()),
 ], ids=["lora", "rslora", "dropout-eval", "pissa", "kasa"])
-def test_matches_peft_fp32(cfg, spy):
+def test_matches_peft_fp32(cfg, fused_calls):
     model = _peft_model(**cfg)
     if "kasa_config" in cfg:  # the diagonal must take part in the comparison
         for layer in model.modules():
             if isinstance(layer, PeftLinear):
                 layer.lora_diag["default"].data.uniform_(0.5, 1.5)
-    _compare(model, token_batches(1)[0], torch.float32, spy)
+    _compare(model, token_batches(1)[0], torch.float32, fused_calls)
 
 
-def test_bias_lora_only_qwen2(spy):
+def test_bias_lora_only_qwen2(fused_calls):
     model = _peft_model("qwen2", r=4, lora_alpha=8, bias="lora_only", target_modules=["q_proj", "k_proj", "v_proj"])
     assert any(n.endswith("q_proj.base_layer.bias") for n, p in model.named_parameters() if p.requires_grad)
-    _compare(model, token_batches(1)[0], torch.float32, spy)
+    _compare(model, token_batches(1)[0], torch.float32, fused_calls)
 
 
-def test_gpt2_conv1d_fan_in_fan_out(spy):
+def test_gpt2_conv1d_fan_in_fan_out(fused_calls):
     model = _peft_model("gpt2", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
-    _compare(model, token_batches(1)[0], torch.float32, spy)
+    _compare(model, token_batches(1)[0], torch.float32, fused_calls)
 
 
-def test_bf16_base_fp32_adapters(spy):
+def test_bf16_base_fp32_adapters(fused_calls):
     model = _peft_model(dtype=torch.bfloat16, r=4, lora_alpha=8)
     layer = next(m for m in model.modules() if isinstance(m, PeftLinear))
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
-    _compare(model, token_batches(1)[0], torch.bfloat16, spy)
+    _compare(model, token_batches(1)[0], torch.bfloat16, fused_calls)
 
 
-def test_dropout_train_mode_is_unbiased(spy):
+def test_dropout_train_mode_is_unbiased(fused_calls):
     """Masks differ from PEFT's, so compare the expectation: the mean over many rows equals the eval output."""
     model = _peft_model(r=4, lora_alpha=8, lora_dropout=0.3)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -105,56 +96,56 @@ def test_dropout_train_mode_is_unbiased(spy):
         expected = layer(x[:1])
         layer.train()
         y = layer(x)
-    assert spy
+    assert fused_calls
     assert not torch.allclose(y[0], y[1])  # dropout is active
     delta = y - expected
     stderr = delta.std(0) / len(y) ** 0.5
     assert (delta.mean(0).abs() < 5 * stderr + 1e-6).all()
 
 
-def _fallback(model, batch, spy, caplog, reason):
+def _fallback(model, batch, fused_calls, caplog, reason):
     ref = output(model, batch).detach()
     with caplog.at_level(logging.INFO, logger=lkpeft.__name__):
         lkpeft.patch(model)
         out = output(model, batch).detach()
         output(model, batch)
-    assert not spy
+    assert not fused_calls
     assert torch.equal(out, ref)
     msgs = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
     n_layers = sum(isinstance(m, PeftLinear) for m in model.modules())
     assert len(msgs) == n_layers  # once per layer, not once per call
 
 
-def test_dora_falls_back(spy, caplog):
-    _fallback(_peft_model(r=4, lora_alpha=8, use_dora=True), token_batches(1)[0], spy, caplog, "DoraLinearVariant")
+def test_dora_falls_back(fused_calls, caplog):
+    _fallback(_peft_model(r=4, lora_alpha=8, use_dora=True), token_batches(1)[0], fused_calls, caplog, "DoraLinearVariant")
 
 
-def test_merged_falls_back(spy, caplog):
+def test_merged_falls_back(fused_calls, caplog):
     model = _peft_model(r=4, lora_alpha=8)
     for m in model.modules():
         if isinstance(m, PeftLinear):
             m.merge()
-    _fallback(model, token_batches(1)[0], spy, caplog, "merged")
+    _fallback(model, token_batches(1)[0], fused_calls, caplog, "merged")
 
 
-def test_two_active_adapters_fall_back(spy, caplog):
+def test_two_active_adapters_fall_back(fused_calls, caplog):
     model = _peft_model(r=4, lora_alpha=8)
     model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, init_lora_weights=False))
     model.base_model.set_adapter(["default", "second"])
-    _fallback(model, token_batches(1)[0], spy, caplog, "2 active adapters")
+    _fallback(model, token_batches(1)[0], fused_calls, caplog, "2 active adapters")
 
 
-def test_other_lora_layer_types_are_logged(spy, caplog):
+def test_other_lora_layer_types_are_logged(fused_calls, caplog):
     model = _peft_model(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
     with caplog.at_level(logging.INFO, logger=lkpeft.__name__):
         lkpeft.patch(model)
     assert any("embed_tokens" in r.getMessage() and "Embedding is not a lora.Linear" in r.getMessage()
                for r in caplog.records)
     output(model, token_batches(1)[0])
-    assert len(spy) == 2  # the two q_proj layers
+    assert len(fused_calls) == 2  # the two q_proj layers
 
 
-def test_disabled_adapters_and_unpatch(spy):
+def test_disabled_adapters_and_unpatch(fused_calls):
     model = _peft_model(r=4, lora_alpha=8)
     batch = token_batches(1)[0]
     with torch.no_grad():
@@ -164,13 +155,13 @@ def test_disabled_adapters_and_unpatch(spy):
         assert all(lkpeft.is_patched(m) for m in model.modules() if isinstance(m, PeftLinear))
         with model.disable_adapter():
             assert torch.equal(output(model, batch), base)
-        assert not spy
+        assert not fused_calls
         adapted = output(model, batch)
-        assert spy and not torch.allclose(adapted, base)
+        assert fused_calls and not torch.allclose(adapted, base)
         lkpeft.unpatch(model)
-        n = len(spy)
+        n = len(fused_calls)
         assert torch.allclose(output(model, batch), adapted, atol=1e-5)
-    assert len(spy) == n
+    assert len(fused_calls) == n
     assert not any(lkpeft.is_patched(m) for m in model.modules())
 
 

@@ -182,17 +182,6 @@ def peft_model():
     return lkpeft.patch(model)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the PEFT layer calls that reach the fused op."""
-    from loranull_kernels.integrations import peft as lkpeft
-
-    calls = []
-    real = lkpeft.lora_linear
-    monkeypatch.setattr(lkpeft, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 @pytest.mark.parametrize("kind", ["loranull", "peft"])
 def test_sft_trainer(tmp_path, kind, fused_calls):
     trl = pytest.importorskip("trl")
