@@ -50,8 +50,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @dataclass(frozen=True)
-class Method:
-    """One row of the benchmark. ``config`` None means full fine-tuning (every parameter trains)."""
+class BenchmarkEntry:
+    """One row of the benchmark: a method (or one setting of its hyperparameter) under test, with its learning-rate
+    grid. ``config`` None means full fine-tuning (every parameter trains)."""
 
     name: str
     family: str
@@ -113,7 +114,7 @@ QUICK = BenchmarkConfig(
 _AT_LORA_RATE = ("lalora", "l2")  # LoRA plus a penalty: run at LoRA's selected learning rate, no sweep of their own
 
 
-def methods(cfg: BenchmarkConfig) -> list[Method]:
+def methods(cfg: BenchmarkConfig) -> list[BenchmarkEntry]:
     """The benchmark's rows. Scalings follow the papers: s = 2 (alpha = 2r) for LoRA and the methods built on its
     init (KaSA, RoseLoRA, LaLoRA), s = 1 (alpha = r) for the SVD-based inits (PiSSA, MiLoRA, LoRA-Null)."""
     r, lrs = cfg.r, cfg.adapter_lrs
@@ -124,26 +125,28 @@ def methods(cfg: BenchmarkConfig) -> list[Method]:
     rose = AdapterConfig(method="roselora", alpha=2 * r, rose_keep=cfg.rose_keep, rose_t_init=max(1, cfg.steps // 10),
                          rose_t_final=max(2, (6 * cfg.steps) // 10), **base)
     out = [
-        Method("full fine-tuning", "full", None, cfg.full_lrs),
-        Method("lora", "lora", plain, lrs),
-        Method("pissa", "pissa", AdapterConfig(method="pissa", alpha=r, **base), lrs),
-        Method("milora", "milora", AdapterConfig(method="milora", alpha=r, **base), lrs),
-        Method("lora_null v1", "lora_null", AdapterConfig(method="lora_null", alpha=r, **base), lrs),
-        Method("lora_null v2", "lora_null", AdapterConfig(method="lora_null", alpha=r, freeze_A=True, **base), lrs),
-        Method("kasa", "kasa", AdapterConfig(method="kasa", alpha=2 * r, **base), lrs),
-        Method("roselora", "roselora", rose, lrs),
+        BenchmarkEntry("full fine-tuning", "full", None, cfg.full_lrs),
+        BenchmarkEntry("lora", "lora", plain, lrs),
+        BenchmarkEntry("pissa", "pissa", AdapterConfig(method="pissa", alpha=r, **base), lrs),
+        BenchmarkEntry("milora", "milora", AdapterConfig(method="milora", alpha=r, **base), lrs),
+        BenchmarkEntry("lora_null v1", "lora_null", AdapterConfig(method="lora_null", alpha=r, **base), lrs),
+        BenchmarkEntry("lora_null v2", "lora_null", AdapterConfig(method="lora_null", alpha=r, freeze_A=True, **base),
+                       lrs),
+        BenchmarkEntry("kasa", "kasa", AdapterConfig(method="kasa", alpha=2 * r, **base), lrs),
+        BenchmarkEntry("roselora", "roselora", rose, lrs),
     ]
     # LaLoRA = LoRA + the Laplace penalty: its λ sweep runs at LoRA's selected rate (filled in by run()).
-    out += [Method(f"lalora λ={lam:g}", "lalora",
-                   dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
-                                       lalora_prior_precision=cfg.lalora_prior_precision), ())
+    out += [BenchmarkEntry(f"lalora λ={lam:g}", "lalora",
+                           dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
+                                               lalora_prior_precision=cfg.lalora_prior_precision), ())
             for lam in cfg.lalora_lambdas]
     # The control for LaLoRA: the same penalty with the curvature made irrelevant (λ = 1 and a prior precision μ
     # that dwarfs the Fisher, whose largest entry is 8e-6 on the full benchmark), i.e. a plain isotropic pull
     # (μ/2)‖θ − θ0‖² towards the start.
     # μ = λ·δ of a LaLoRA point isolates what its learnt curvature adds.
-    out += [Method(f"l2-to-init μ={mu:g}", "l2",
-                   dataclasses.replace(plain, method="lalora", lalora_lambda=1.0, lalora_prior_precision=mu), ())
+    out += [BenchmarkEntry(f"l2-to-init μ={mu:g}", "l2",
+                           dataclasses.replace(plain, method="lalora", lalora_lambda=1.0,
+                                               lalora_prior_precision=mu), ())
             for mu in cfg.l2_controls]
     if cfg.methods is not None:
         families = {m.family for m in out}
@@ -228,7 +231,7 @@ def mean_leak(model: torch.nn.Module, batch: dict) -> float:
     return sum(leaks) / len(leaks)
 
 
-def fine_tune(setup: Setup, method: Method, lr: float, seed: int) -> dict:
+def fine_tune(setup: Setup, method: BenchmarkEntry, lr: float, seed: int) -> dict:
     """One run: copy the pre-trained model, attach the method, train on the task, measure. Returns a result row."""
     cfg, world, device = setup.config, setup.world, setup.device
     start = time.perf_counter()
