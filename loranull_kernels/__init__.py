@@ -1,6 +1,10 @@
 """loranull_kernels: fused kernels for knowledge-preserving LoRA-family adapters.
 
-Public API (see README.md and docs/design.md#public-api): ``lora_linear`` and the backend selection in ``backend``.
+Public API (docs/design.md#public-api): the fused ops (``lora_linear``, ``covariance_update``, ``rsvd``) and their
+backend selection (``backend``); the layer ``LoRALinear``; the model-level API (``AdapterConfig``, ``inject``,
+``calibrate``, ``nullspace``, ``regularization_loss``, ``after_optimizer_step``, ``estimate_curvature``); adapter
+files (``save_adapter``, ``load_adapter``) and exports (``export_peft``, ``to_plain_lora``, :mod:`.export`); and
+``integrations`` (PEFT, HF Trainer).
 """
 from . import backend
 from .config import AdapterConfig
@@ -8,11 +12,12 @@ from .nn import LoRALinear
 from .ops.lora_linear import lora_linear
 from .ops.covariance import covariance_update
 from .ops.rsvd import rsvd
-from .covariance import CovarianceAccumulator
+from .covariance_accumulator import CovarianceAccumulator
 from . import nullspace
 from .inject import inject, print_trainable_parameters
 from .calibrate import calibrate
-from .adapters import save_adapter, load_adapter, export_peft, to_plain_lora
+from .adapter_files import save_adapter, load_adapter
+from .export import export_peft, to_plain_lora
 from .regularize import regularization_loss
 from .sparsity import after_optimizer_step
 from .curvature import estimate_curvature

@@ -22,14 +22,8 @@ from torch import nn
 
 from .blocks import module_device as _model_device
 from .blocks import to_device as _to_device
-from .covariance import CovarianceAccumulator
+from .covariance_accumulator import CovarianceAccumulator
 from .targets import find_targets, linear_shape
-
-
-def _in_features(module: nn.Module) -> int:
-    if hasattr(module, "lora_A"):  # an adapted LoRALinear
-        return module.in_features
-    return linear_shape(module)[0]
 
 
 class _Calibration:
@@ -37,7 +31,7 @@ class _Calibration:
 
     def __init__(self, targets: list[tuple[str, nn.Module]], normalize: bool):
         self.names = [n for n, _ in targets]
-        self.dims = {n: _in_features(m) for n, m in targets}
+        self.dims = {n: linear_shape(m)[0] for n, m in targets}
         self.normalize = normalize
         self.leader: dict[str, str] = {}  # module name -> name of the module owning its accumulator
         self.acc: dict[str, CovarianceAccumulator] = {}

@@ -21,10 +21,6 @@ class CalibrationMemoryError(MemoryError):
     """Calibration's covariances would not fit in the free memory of a device; raised before any work starts."""
 
 
-def _in_features(module: nn.Module) -> int:
-    return module.in_features if hasattr(module, "lora_A") else linear_shape(module)[0]
-
-
 def _device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -38,7 +34,7 @@ def covariance_bytes(targets: list[tuple[str, nn.Module]], solve: bool = True) -
     need: dict[torch.device, int] = defaultdict(int)
     largest: dict[torch.device, int] = defaultdict(int)
     for name, module in targets:
-        n, dev = _in_features(module), _device(module)
+        n, dev = linear_shape(module)[0], _device(module)
         key = (name.rpartition(".")[0], n, dev)
         if key in seen:
             continue

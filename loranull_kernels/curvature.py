@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._pieces import adapter_layers
+from .adapter_layers import configured_layers
 from .methods.lalora import CurvatureAccumulator
 
 
@@ -91,7 +91,7 @@ def estimate_curvature(model: nn.Module, data: Iterable, loss_fn: Optional[Calla
         raise ValueError(f"kind must be 'diag', 'kfac' or None, got {kind!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be an int ≥ 1 or None, got {rank!r}")
-    layers = [(n, l, c) for n, l, c in adapter_layers(model) if c.effective_regularizer == "lalora"]
+    layers = [(n, l, c) for n, l, c in configured_layers(model) if c.effective_regularizer == "lalora"]
     if not layers:
         raise ValueError("estimate_curvature: no adapter uses the LaLoRA regulariser; build them with "
                          "AdapterConfig(method='lalora') or AdapterConfig(..., regularizer='lalora')")

@@ -7,7 +7,9 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 from torch import nn
 
+from ._dtypes import compute_dtype
 from .config import AdapterConfig
+from .methods import get_method
 from .nn import LoRALinear
 from .targets import as_linear, find_targets, is_conv1d, linear_shape
 
@@ -20,7 +22,8 @@ def _check_fresh(model: nn.Module) -> None:
 
 
 def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) -> None:
-    """r and LoRA-Null's null_dim against every target's shape, before calibration or any layer is replaced."""
+    """r, and the method's own shape constraints (LoRA-Null's null_dim), against every target's shape, before
+    calibration or any layer is replaced."""
     r = config.r
     too_small = [(n, linear_shape(m)) for n, m in targets if r > min(linear_shape(m))]
     if too_small:
@@ -28,14 +31,13 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) ->
         more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
         raise ValueError(f"AdapterConfig.r={r} exceeds min(in_features, out_features) = {min(i, o)} of layer "
                          f"{name!r} (in={i}, out={o}){more}: lower r or exclude the layer")
-    null_dim = config.null_dim if config.method == "lora_null" else None
-    too_narrow = [(n, linear_shape(m)) for n, m in targets if null_dim is not None and null_dim > linear_shape(m)[0]]
-    if too_narrow:
-        name, (i, o) = too_narrow[0]
-        more = f" (and {len(too_narrow) - 1} more)" if len(too_narrow) > 1 else ""
-        raise ValueError(f"AdapterConfig.null_dim={null_dim} exceeds in_features={i} of layer {name!r} "
-                         f"(in={i}, out={o}){more}: the null space Q is (in, null_dim); lower null_dim or exclude "
-                         "the layer")
+    check = get_method(config.method).check_layer
+    refused = [(n, linear_shape(m), why) for n, m in targets if check
+               for why in [check(config, *linear_shape(m))] if why]
+    if refused:
+        name, (i, o), why = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ValueError(f"{why} of layer {name!r} (in={i}, out={o}){more}: change the config or exclude the layer")
 
 
 def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
@@ -62,7 +64,6 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
     from . import calibration_memory
     from .calibrate import calibrate_modules
     from .calibrate_sequential import calibrate_blocks, resolve_mode, split_targets
-    from .methods.lora_null import solve_null_spaces
     from .nullspace import precomputed
 
     if data is None:
@@ -74,7 +75,7 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
     kwargs.setdefault("normalize", config.normalize_calibration)
     show = kwargs.get("progress", True)
     frozen = []
-    k = config.null_dim or config.r
+    solve = get_method(config.method).solve_calibration
 
     def adapt(group_name: str, group: list, covs: dict) -> str | None:
         if not frozen:  # once, before the first adapter exists (later calls must not freeze earlier adapters)
@@ -83,9 +84,9 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
             frozen.append(True)
         note = None
         solved = []
-        if config.method == "lora_null":
-            dtype = torch.float64 if any(m.weight.dtype == torch.float64 for _, m in group) else torch.float32
-            solved, note = solve_null_spaces(covs.values(), k, dtype)
+        if solve is not None:  # one batched solve for the whole group (LoRA-Null's null spaces)
+            dtype = max((compute_dtype(m.weight.dtype) for _, m in group), key=lambda d: d.itemsize)
+            solved, note = solve(covs.values(), config, dtype)
         covariances.update(covs)
         with precomputed(solved):
             replace_targets(model, group, make_layer, freeze=False)

@@ -1,24 +1,18 @@
 """``LoRALinear``: a drop-in ``nn.Linear`` with a low-rank adapter whose forward is one ``lora_linear`` call."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig
-from .methods import get_method
+from ._dtypes import compute_dtype
+from .config import AdapterConfig, adapter_scaling
+from .methods import SPARSITY, get_method
 from .ops.lora_linear import lora_linear
 
 
 # Buffers that are None until a method sets them (RoseLoRA's masks, the base-rewriting methods' initial factors).
 _OPTIONAL_BUFFERS = ("mask_A", "mask_B", "lora_A0", "lora_B0")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SVDs, eigendecompositions and merges run in float32 (float64 for float64 models), whatever the model dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LoRALinear(nn.Module):
@@ -56,8 +50,7 @@ class LoRALinear(nn.Module):
         adapter_dtype = adapter_dtype or (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora, self.method, self.dropout = r, alpha, use_rslora, method, float(dropout)
-        a = float(r if alpha is None else alpha)
-        self.scaling = a / math.sqrt(r) if use_rslora else a / r
+        self.scaling = adapter_scaling(r, alpha, use_rslora)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
@@ -97,14 +90,14 @@ class LoRALinear(nn.Module):
         if cfg.r > min(linear.in_features, linear.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
                              f"{min(linear.in_features, linear.out_features)} of this layer")
-        if cfg.method == "lora_null" and cfg.null_dim is not None and cfg.null_dim > linear.in_features:
-            raise ValueError(f"AdapterConfig.null_dim={cfg.null_dim} exceeds in_features={linear.in_features} of this "
-                             f"layer ({linear.in_features} → {linear.out_features}): the null space Q is (in, null_dim)")
         meth = get_method(cfg.method)
+        why = meth.check_layer and meth.check_layer(cfg, linear.in_features, linear.out_features)
+        if why:
+            raise ValueError(f"{why} of this layer ({linear.in_features} → {linear.out_features})")
         W = linear.weight.detach()
         if generator is None and cfg.init_seed is not None:
             generator = torch.Generator(device=W.device).manual_seed(cfg.init_seed)
-        init = meth.initialize(W.to(_compute_dtype(W.dtype)), cfg.r, cfg.scaling, cfg,
+        init = meth.initialize(W.to(compute_dtype(W.dtype)), cfg.r, cfg.scaling, cfg,
                                covariance=None if covariance is None else covariance.to(W.device),
                                generator=generator)
         layer = cls(linear.in_features, linear.out_features, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
@@ -136,8 +129,6 @@ class LoRALinear(nn.Module):
         """Register the state buffers of the layer's sparsity schedule (RoseLoRA's importance) up front, so a
         freshly built layer has the state_dict keys a trained one has (a strict ``load_state_dict`` of a trained
         model into a fresh one works)."""
-        from .methods import SPARSITY
-
         cfg = getattr(self, "adapter_config", None)
         piece = None if cfg is None else cfg.effective_sparsity
         if piece is not None:
@@ -155,7 +146,7 @@ class LoRALinear(nn.Module):
     def effective_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A⊙mask_A (r, in), (B⊙mask_B) diag(d) (out, r))``: the adapter as one plain LoRA pair, detached, in
         float32 (float64 for float64 bases) or ``dtype``."""
-        dt = dtype or _compute_dtype(self.weight.dtype)
+        dt = dtype or compute_dtype(self.weight.dtype)
         A = self.lora_A.detach().to(dt)
         B = self.lora_B.detach().to(dt)
         if self.mask_A is not None:
@@ -173,7 +164,7 @@ class LoRALinear(nn.Module):
 
     def original_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The pre-trained W the adapter was built from: ``weight + s·B0A0`` (unmerged), in float32/64 or ``dtype``."""
-        dt = dtype or _compute_dtype(self.weight.dtype)
+        dt = dtype or compute_dtype(self.weight.dtype)
         W = self.weight.detach().to(dt)
         if self.merged:
             W = W - self.delta_weight(dt)

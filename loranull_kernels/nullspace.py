@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
+
 _EIGH_DTYPES = (torch.float32, torch.float64)
 _METHODS = ("auto", "eigh", "randomized")
 
@@ -271,7 +273,7 @@ def minor_singular_components(W: torch.Tensor, r: int, method: str = "auto", *, 
         raise ValueError(f"r must be an int in [1, {m}], got {r!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(W.dtype)
     if oversample is None:
         oversample = max(64, r)
     if method == "auto":
@@ -300,7 +302,7 @@ def row_space_basis(A: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     """
     if not isinstance(A, torch.Tensor) or not A.dtype.is_floating_point or A.dim() != 2:
         raise ValueError(f"A must be a floating-point (r, in) matrix, got {getattr(A, 'shape', type(A).__name__)}")
-    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(A.dtype)
     _, S, Vh = torch.linalg.svd(A.detach().to(dtype), full_matrices=False)
     if rtol is None:
         rtol = max(A.shape) * torch.finfo(dtype).eps
@@ -319,7 +321,7 @@ def energy_fraction(C: torch.Tensor, Q: torch.Tensor) -> float:
     _check_covariance(C)
     if not isinstance(Q, torch.Tensor) or Q.dim() != 2 or Q.shape[0] != C.shape[0]:
         raise ValueError(f"Q must be ({C.shape[0]}, k), got {getattr(Q, 'shape', type(Q).__name__)}")
-    dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(C.dtype)
     Cd, Qd = C.detach().to(dtype), Q.detach().to(device=C.device, dtype=dtype)
     total = torch.diagonal(Cd).sum()
     if total <= 0:
@@ -340,7 +342,7 @@ def leak(X: torch.Tensor, A: torch.Tensor) -> float:
         raise ValueError("X must be a floating-point (..., in) tensor")
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[1] != X.shape[-1]:
         raise ValueError(f"A must be (r, {X.shape[-1]}), got {getattr(A, 'shape', type(A).__name__)}")
-    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(X.dtype)
     X2 = X.detach().reshape(-1, X.shape[-1]).to(dtype)
     total = (X2 * X2).sum()
     if total <= 0:

@@ -26,8 +26,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
-from ._pieces import adapter_layers
-from .methods import REGULARIZERS, kasa
+from ._dtypes import compute_dtype
+from .adapter_layers import configured_layers
+from .methods import REGULARIZERS
 
 _IN_LOSS = "_loranull_penalty_in_loss"  # layer attribute: a backward pass went through its penalty since the last step
 
@@ -38,18 +39,20 @@ __all__ = ["regularization_loss", "enable_penalty_hooks", "disable_penalty_hooks
 def _weighted_terms(model: nn.Module, views: dict | None = None) -> list[tuple[nn.Module, torch.Tensor, float, str]]:
     """``(layer, penalty, weight, regulariser name)`` of every regularised layer of ``model`` (only those in
     ``views``, a ``{layer: stand-in}`` the penalty reads instead, when given): the model's loss is
-    ``Σ weight · penalty``; the weight is 1, or 1/n for the n KaSA layers of the ``"reference"`` form, which
-    averages them over the whole model."""
-    regularised = [(name, layer, cfg) for name, layer, cfg in adapter_layers(model)
-                   if cfg.effective_regularizer is not None]
-    n_averaged = sum(1 for _, _, cfg in regularised if cfg.effective_regularizer == "kasa" and kasa.averaged(cfg))
+    ``Σ weight · penalty``; the weight is 1, or 1/n for the n layers of a regulariser that averages its terms
+    (``Regularizer.averaged``: KaSA's ``"reference"`` form)."""
+    pieces = [(name, layer, cfg, REGULARIZERS[cfg.effective_regularizer])
+              for name, layer, cfg in configured_layers(model) if cfg.effective_regularizer is not None]
+    n_averaged = {}  # regulariser name -> how many layers it averages over
+    for _, _, cfg, reg in pieces:
+        if reg.averaged(cfg):
+            n_averaged[reg.name] = n_averaged.get(reg.name, 0) + 1
     out = []
-    for name, layer, cfg in regularised:
+    for name, layer, cfg, reg in pieces:
         if views is not None and layer not in views:
             continue
-        reg = cfg.effective_regularizer
-        term = REGULARIZERS[reg].penalty(layer if views is None else views[layer], cfg, name)
-        out.append((layer, term, 1.0 / n_averaged if reg == "kasa" and kasa.averaged(cfg) else 1.0, reg))
+        term = reg.penalty(layer if views is None else views[layer], cfg, name)
+        out.append((layer, term, 1.0 / n_averaged[reg.name] if reg.averaged(cfg) else 1.0, reg.name))
     return out
 
 
@@ -97,7 +100,7 @@ def penalty_values(model: nn.Module) -> dict[str, float]:
     computed without gradient (FSDP2-sharded factors are all-gathered: call it on every rank)."""
     out: dict[str, float] = {}
     with torch.no_grad():
-        views = {layer: _FullView(layer) for _, layer, cfg in adapter_layers(model)
+        views = {layer: _FullView(layer) for _, layer, cfg in configured_layers(model)
                  if cfg.effective_regularizer is not None}
         for _, term, weight, reg in _weighted_terms(model, views):
             out[reg] = out.get(reg, 0.0) + weight * float(term)
@@ -164,7 +167,7 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
         The number of layers whose penalty gradient was added.
     """
     chosen = []  # module order: under FSDP2 every rank must all-gather the same tensors in the same order
-    for _, layer, cfg in adapter_layers(model):
+    for _, layer, cfg in configured_layers(model):
         if cfg.effective_regularizer is None or layer.merged or (skip is not None and layer in skip):
             continue
         trainable = [p for p in _trainable(layer) if params is None or id(p) in params]
@@ -183,7 +186,7 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
             views[layer] = _FullView(layer)
             targets += [(p, leaf) for p, leaf in views[layer].leaves if params is None or id(p) in params]
         terms = _weighted_terms(model, views)
-        total = torch.stack([(t * w).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+        total = torch.stack([(t * w).to(compute_dtype(t.dtype))
                              for _, t, w, _ in terms]).sum()
         grads = torch.autograd.grad(total, [leaf for _, leaf in targets], allow_unused=True)
     with torch.no_grad():

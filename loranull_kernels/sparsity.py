@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._pieces import adapter_layers
+from .adapter_layers import configured_layers
 from .methods import SPARSITY
 
 
@@ -29,7 +29,7 @@ def after_optimizer_step(model: nn.Module, step: int) -> dict[str, float]:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int ≥ 0 (the 0-based optimiser step), got {step!r}")
     taus = {}
-    for name, layer, cfg in adapter_layers(model):
+    for name, layer, cfg in configured_layers(model):
         piece = cfg.effective_sparsity
         if piece is not None:
             taus[name] = SPARSITY[piece].after_step(layer, step, cfg, name)

@@ -1,60 +1,47 @@
 """Which modules of a model get adapters: ``AdapterConfig.target_modules`` / ``exclude_modules`` resolved to names.
 
 One resolver shared by :func:`~loranull_kernels.inject` and :func:`~loranull_kernels.calibrate`, so both always
-agree on the set of layers. Linear-like modules are ``nn.Linear`` and Hugging Face's GPT-2 ``Conv1D`` (a linear layer
-whose weight is stored transposed, ``(in, out)``).
+agree on the set of layers. Linear-like modules are the kinds of :mod:`~loranull_kernels.base_weight`: ``nn.Linear``
+and Hugging Face's GPT-2 ``Conv1D`` (a linear layer whose weight is stored transposed, ``(in, out)``).
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable
 
-import torch
 from torch import nn
+
+from .base_weight import base_weight
 
 # Modules (or the parents of modules) with these names are task heads trained from scratch, never adapted by
 # "all-linear": the LM head, sequence-classification heads (PEFT's SEQ_CLS_HEAD_NAMES) and extractive-QA heads.
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
 
 
-def conv1d_class():
-    """``transformers.pytorch_utils.Conv1D``, or None when transformers is not importable."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers missing or broken: then no model can contain a Conv1D
-        return None
-    return Conv1D
-
-
 def is_conv1d(module: nn.Module) -> bool:
-    cls = conv1d_class()
-    return cls is not None and isinstance(module, cls)
+    """True for GPT-2's ``Conv1D`` (weight stored (in, out))."""
+    base = base_weight(module)
+    return base is not None and base.fan_in_fan_out
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` (and subclasses) and GPT-2's ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """True for the modules an adapter can be put on: every kind of :mod:`~loranull_kernels.base_weight`
+    (``nn.Linear`` and subclasses, GPT-2's ``Conv1D``)."""
+    return base_weight(module) is not None
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like module."""
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
-    return module.in_features, module.out_features
+    """``(in_features, out_features)`` of a linear-like module, or of an adapted :class:`LoRALinear`."""
+    base = base_weight(module)
+    if base is None:  # LoRALinear has nn.Linear's attributes without being one
+        return module.in_features, module.out_features
+    return base.in_features, base.out_features
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """The module itself for ``nn.Linear``; for ``Conv1D`` an ``nn.Linear`` holding the transposed weight (a copy), on
-    the same device and dtype, computing the same function."""
-    if not is_conv1d(module):
-        return module
-    w = module.weight.detach()
-    lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w.t())
-        if module.bias is not None:
-            lin.bias.copy_(module.bias)
-    return lin
+    """The module itself for ``nn.Linear``; otherwise an ``nn.Linear`` computing the same function (a copy, with
+    the weight in (out, in) layout) on the same device and dtype."""
+    return base_weight(module).to_linear()
 
 
 def _suffix_match(name: str, suffixes: Iterable[str]) -> bool:

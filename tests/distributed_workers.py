@@ -15,7 +15,7 @@ def rank_batches(rank: int, dim: int):
 
 
 def covariance_all_reduce(rank: int, world_size: int, init_file: str, out_dir: str, dim: int):
-    from loranull_kernels.covariance import CovarianceAccumulator
+    from loranull_kernels.covariance_accumulator import CovarianceAccumulator
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -6,8 +6,8 @@ import safetensors.torch
 import torch
 
 import loranull_kernels as lk
-from loranull_kernels import adapters
-from loranull_kernels.adapters import export_peft, load_adapter, save_adapter, to_plain_lora
+from loranull_kernels import adapter_files as adapters
+from loranull_kernels import export_peft, load_adapter, save_adapter, to_plain_lora
 from loranull_kernels.inject import inject
 from loranull_kernels.nn import LoRALinear
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import loranull_kernels as lk
-import loranull_kernels.covariance as covariance_module
+import loranull_kernels.covariance_accumulator as covariance_module
 from loranull_kernels.calibrate import calibrate
-from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
+from loranull_kernels.covariance_accumulator import CovarianceAccumulator, NonFiniteCalibrationError
 from loranull_kernels.inject import inject
 
 from .helpers import assert_close, free_port, spawn_and_join
@@ -143,10 +143,10 @@ def test_batch_types_max_batches_and_adapted_models():
 def test_hooks_run_the_triton_covariance_kernel_when_selected(monkeypatch):
     if lk.backend.triton_unusable_reason(torch.device("cpu"), torch.float32) is not None:
         pytest.skip("Triton (or its interpreter) is not usable here")
-    kernel = importlib.import_module("loranull_kernels.triton.covariance")
+    kernel = importlib.import_module("loranull_kernels.ops.covariance.triton_backend")
     launches = []
-    real_launch = kernel.launch
-    monkeypatch.setattr(kernel, "launch", lambda *a: launches.append(1) or real_launch(*a))
+    real_launch = kernel.covariance_update
+    monkeypatch.setattr(kernel, "covariance_update", lambda *a: launches.append(1) or real_launch(*a))
     model = tiny_model("llama")
     data = token_batches(1, seed=1)
     data[0]["attention_mask"][1, 8:] = 0  # the kernel's token mask path

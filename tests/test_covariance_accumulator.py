@@ -4,7 +4,7 @@ import torch
 
 import loranull_kernels.backend as backend
 from loranull_kernels import reference
-from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
+from loranull_kernels.covariance_accumulator import CovarianceAccumulator, NonFiniteCalibrationError
 from tests.distributed_workers import covariance_all_reduce, rank_batches
 from tests.helpers import assert_close, spawn_and_join
 

@@ -13,7 +13,7 @@ import safetensors.torch as st
 import torch
 
 import loranull_kernels as lk
-from loranull_kernels import adapters
+from loranull_kernels import adapter_files as adapters, atomic_dir
 from loranull_kernels.nn import LoRALinear
 
 from .tiny_models import output, tiny_model, token_batches
@@ -70,8 +70,8 @@ def _kill_at(monkeypatch, k: int) -> list:
             return real(*args, **kwargs)
         monkeypatch.setattr(owner, name, step)
 
-    for owner, name in ((adapters.tempfile, "mkdtemp"), (st, "save_file"), (adapters.json, "dump"), (os, "fsync"),
-                        (os, "rename"), (adapters.shutil, "rmtree")):
+    for owner, name in ((atomic_dir.tempfile, "mkdtemp"), (st, "save_file"), (adapters.json, "dump"), (os, "fsync"),
+                        (os, "rename"), (atomic_dir.shutil, "rmtree")):
         wrap(owner, name)
     return calls
 

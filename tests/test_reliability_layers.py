@@ -8,7 +8,7 @@ from torch import nn
 
 import loranull_kernels as lk
 from loranull_kernels._denormals import flush_denormals
-from loranull_kernels.covariance import CovarianceAccumulator, NonFiniteCalibrationError
+from loranull_kernels.covariance_accumulator import CovarianceAccumulator, NonFiniteCalibrationError
 from loranull_kernels.nn import LoRALinear
 from loranull_kernels.targets import find_targets
 

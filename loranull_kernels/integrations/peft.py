@@ -24,6 +24,7 @@ from peft.tuners.lora import LoraLayer as _LoraLayer
 from peft.tuners.lora import variants as _variants
 
 from .. import backend as _backend
+from ..base_weight import conv1d_class
 from ..ops.lora_linear import lora_linear
 
 __all__ = ["patch", "unpatch", "is_patched", "unsupported_reason", "PEFT_TESTED"]
@@ -36,15 +37,7 @@ _LOGGED = "_loranull_logged_reasons"
 _KASA = getattr(_variants, "KasaLinearVariant", None)
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except ImportError:  # transformers is optional for PEFT
-        return None
-
-
-_CONV1D = _conv1d_type()
+_CONV1D = conv1d_class()
 
 
 def unsupported_reason(layer: _PeftLinear, x: torch.Tensor, args=(), kwargs=None) -> str | None:

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .. import adapters as _adapters
-from .._pieces import adapter_layers
+from .. import adapter_files as _adapter_files
+from ..adapter_layers import adapter_layers, configured_layers
 from ..regularize import enable_penalty_hooks, penalty_values
 from ..sparsity import after_optimizer_step
 
@@ -50,7 +50,7 @@ def rose_density(model: nn.Module) -> float | None:
     """Fraction of the entries of the scheduled (RoseLoRA) trainable factors that are kept (unmasked), over all
     such layers; 1.0 before the first pruning step, None when no layer has a sparsity schedule."""
     kept = total = 0
-    for _, layer, cfg in adapter_layers(model):
+    for _, layer, cfg in configured_layers(model):
         if cfg.effective_sparsity is None:
             continue
         for factor, mask in ((layer.lora_A, layer.mask_A), (layer.lora_B, layer.mask_B)):
@@ -62,11 +62,11 @@ def rose_density(model: nn.Module) -> float | None:
 
 
 def _has_adapters(model) -> bool:
-    return model is not None and any(True for _ in adapter_layers(model))
+    return model is not None and bool(adapter_layers(model))
 
 
 def _gradients_finite(model: nn.Module) -> bool:
-    grads = [p.grad for _, layer, cfg in adapter_layers(model) if cfg.effective_sparsity is not None
+    grads = [p.grad for _, layer, cfg in configured_layers(model) if cfg.effective_sparsity is not None
              for p in (layer.lora_A, layer.lora_B) if p.grad is not None]
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
@@ -78,12 +78,12 @@ def _write_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".loranull-", dir=directory))
     try:
-        _adapters.save_adapter(model, tmp / "adapter")
-        for name in (_adapters.CONFIG_NAME, _adapters.WEIGHTS_NAME):
+        _adapter_files.save_adapter(model, tmp / "adapter")
+        for name in (_adapter_files.CONFIG_NAME, _adapter_files.WEIGHTS_NAME):
             os.replace(tmp / "adapter" / name, directory / name)
         with open(directory / INDEX_NAME, "w") as f:
-            json.dump({"metadata": {"format": _adapters.FORMAT, "note": "adapter-only checkpoint: the adapter is in "
-                                    f"{_adapters.WEIGHTS_NAME}, loaded by loranull_kernels.load_adapter"},
+            json.dump({"metadata": {"format": _adapter_files.FORMAT, "note": "adapter-only checkpoint: the adapter is in "
+                                    f"{_adapter_files.WEIGHTS_NAME}, loaded by loranull_kernels.load_adapter"},
                        "weight_map": {}}, f, indent=2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,7 @@ def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, 
 
 
 def _is_adapter_checkpoint(path) -> bool:
-    return path is not None and (Path(path) / _adapters.WEIGHTS_NAME).is_file()
+    return path is not None and (Path(path) / _adapter_files.WEIGHTS_NAME).is_file()
 
 
 class AdapterCallback(TrainerCallback):
@@ -162,8 +162,8 @@ class AdapterCallback(TrainerCallback):
             if not _is_adapter_checkpoint(path):
                 raise FileNotFoundError(
                     f"AdapterCallback: resuming at step {state.global_step}, but {path} holds no adapter "
-                    f"({_adapters.WEIGHTS_NAME}); pass AdapterCallback(resume_from=<checkpoint directory>)")
-            _adapters.load_adapter(model, path)
+                    f"({_adapter_files.WEIGHTS_NAME}); pass AdapterCallback(resume_from=<checkpoint directory>)")
+            _adapter_files.load_adapter(model, path)
             logger.info("loranull_kernels: adapter restored from %s", path)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):

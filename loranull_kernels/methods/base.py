@@ -1,13 +1,18 @@
 """What a method is made of (docs/methods.md): an initialiser, a trainable set, an optional regulariser, an optional
-sparsity schedule. This module defines the initialiser's contract; the trainable set is ``AdapterConfig.freeze_A``
-(plus ``rank_scale`` when an initialiser returns one); regularisers (``penalty(layer, config, name)``) and sparsity
-schedules (``after_step(layer, step, config, name)``) are functions of their method's module, chosen per layer by
-``AdapterConfig.regularizer`` / ``sparsity`` and run over a model by :func:`loranull_kernels.regularization_loss` /
-:func:`loranull_kernels.after_optimizer_step`; their state lives in buffers of the layer."""
+sparsity schedule, and the configuration fields it owns. A method module declares all of it in one
+:class:`Method`; :mod:`loranull_kernels.methods` registers the modules and :class:`~loranull_kernels.AdapterConfig`
+reads the registry (names, defaults, field checks), so adding a method is one new module and one registration line.
+
+The trainable set is ``lora_B`` always, ``lora_A`` unless ``AdapterConfig.freeze_A``, and ``rank_scale`` when the
+initialiser returns one. Regularisers (``penalty(layer, config, name)``) and sparsity schedules
+(``after_step(layer, step, config, name)``) run over a model through :func:`loranull_kernels.regularization_loss` /
+:func:`loranull_kernels.after_optimizer_step`; a method brings its own by default and any config may name another
+(``AdapterConfig.regularizer`` / ``sparsity``). Their state lives in buffers of the layer."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -37,19 +42,111 @@ class AdapterInit:
 Initializer = Callable[..., AdapterInit]
 
 
+# ------------------------------------------------------------------------------------------ configuration fields
+def is_real(v) -> bool:
+    """A finite int or float (not a bool: ``True`` is an int to Python, never a number to a user)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One :class:`~loranull_kernels.AdapterConfig` field a method owns (``kasa_beta``, ``rose_keep``, ...).
+
+    ``valid(value)`` says whether a value is acceptable on its own; a bad one is refused with
+    ``"AdapterConfig.<name> must be <expected>, got <value>"`` (``TypeError`` when ``type_error``: a bool field given
+    a string would silently mean its opposite). Checks across fields belong to :attr:`Method.check_config`.
+    """
+
+    name: str
+    default: Any
+    valid: Callable[[Any], bool]
+    expected: str
+    type_error: bool = False
+
+    def check(self, value) -> None:
+        if not self.valid(value):
+            raise (TypeError if self.type_error else ValueError)(
+                f"AdapterConfig.{self.name} must be {self.expected}, got {value!r}")
+
+
+def choice(name: str, default: str, choices: tuple[str, ...]) -> Option:
+    """An option taking one of a few strings."""
+    return Option(name, default, lambda v: v in choices, " or ".join(repr(c) for c in choices))
+
+
+def nonnegative_real(name: str, default: float) -> Option:
+    return Option(name, default, lambda v: is_real(v) and v >= 0, "a finite number ≥ 0")
+
+
+def nonnegative_int(name: str, default: int) -> Option:
+    return Option(name, default, lambda v: is_int(v) and v >= 0, "an int ≥ 0")
+
+
+def flag(name: str, default: bool) -> Option:
+    return Option(name, default, lambda v: isinstance(v, bool), "a bool", type_error=True)
+
+
+# ------------------------------------------------------------------------------------------- pieces and methods
+@dataclass(frozen=True)
+class Regularizer:
+    """A loss term per layer. ``penalty(layer, config, module_name) -> 0-dim tensor``; ``averaged(config)``: True
+    when the model-level loss divides the sum of this regulariser's terms by the number of layers using it.
+    ``state_prefix``: its state buffers on the layer are named ``<state_prefix>*`` (None: it has no state)."""
+
+    name: str
+    penalty: Callable[..., torch.Tensor]
+    averaged: Callable[[Any], bool] = lambda config: False
+    state_prefix: Optional[str] = None  # the names of its state buffers on the layer (saved with the adapter)
+
+
+@dataclass(frozen=True)
+class SparsitySchedule:
+    """A per-layer update after every optimiser step. ``attach(layer, config)`` registers its state buffers when
+    the layer is built; ``after_step(layer, step, config, module_name) -> keep fraction``."""
+
+    name: str
+    attach: Callable[..., None]
+    after_step: Callable[..., float]
+    state_prefix: Optional[str] = None  # the names of its state buffers on the layer (saved with the adapter)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A named initialiser and what it needs.
+    """Everything the package knows about one method, declared once in the method's module.
 
     ``initialize(weight, r, scaling, config, covariance=None, generator=None) -> AdapterInit`` receives W as
     float32 (float64 for float64 models) and, for calibrated methods, the layer's input covariance (in, in).
+
+    Attributes:
+        needs_calibration: the initialiser needs the layer's input covariance (``inject(calibration_data=...)``).
+        rewrites_base: ``W_base = W − s·B0A0 ≠ W`` (merge / convert / save must know B0, A0).
+        regularizer, sparsity: the pieces the method brings when the config leaves them at ``"auto"``; also the
+            pieces any other method can name. None: it brings none.
+        options: the config fields the method (and its pieces) own, with defaults and checks.
+        check_config(config): checks across fields (raise ``ValueError`` naming the field).
+        check_layer(config, in_features, out_features): why a layer of this shape cannot take the adapter
+            (None if it can), beyond ``r ≤ min(in, out)``, as a clause the caller completes with the layer's name
+            (``"AdapterConfig.null_dim=20 exceeds in_features=16"`` + ``" of layer 'q_proj' ..."``); checked for
+            every target before anything changes.
+        solve_calibration(covariances, config, dtype): for calibrated methods, an optional batched pre-solve of
+            a group of layers' covariances; returns ``(solved, note)`` for
+            :class:`~loranull_kernels.nullspace.precomputed` and the progress output.
     """
 
     name: str
     initialize: Initializer
     needs_calibration: bool = False
-    rewrites_base: bool = False  # True: W_base = W − s·B0A0 ≠ W (merge/convert must know B0, A0)
-    preserves_output: bool = True  # the model's output is unchanged at init
+    rewrites_base: bool = False
+    regularizer: Optional[Regularizer] = None
+    sparsity: Optional[SparsitySchedule] = None
+    options: tuple[Option, ...] = ()
+    check_config: Optional[Callable[[Any], None]] = None
+    check_layer: Optional[Callable[[Any, int, int], Optional[str]]] = None
+    solve_calibration: Optional[Callable[..., tuple[list, str]]] = None
 
 
 def split_singular(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float):

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import compute_dtype
 from . import lora
-from .base import AdapterInit, Method, split_singular
+from .base import AdapterInit, Method, Regularizer, choice, nonnegative_real, split_singular
 
 
 def kept_components(in_features: int, out_features: int, r: int, truncation: str) -> int:
@@ -53,9 +54,6 @@ def initialize(weight, r, scaling, config, covariance=None, generator=None) -> A
                        rank_scale=d, base_A=A0, base_B=B0)
 
 
-METHOD = Method("kasa", initialize, rewrites_base=True, preserves_output=False)
-
-
 def _gram_gap_squared(M: torch.Tensor, rows: bool) -> torch.Tensor:
     """``‖MMᵀ − I‖²_F`` (rows=True) or ``‖MᵀM − I‖²_F``, through the small Gram only."""
     r = M.shape[0] if rows else M.shape[1]
@@ -70,7 +68,7 @@ def penalty(layer, config, module_name: str = "") -> torch.Tensor:
     ``β‖d‖² + γ(‖AᵀA − I_in‖_F + ‖BBᵀ − I_out‖_F)`` (the caller averages it over layers: :func:`averaged`).
     Costs O(r²·(in + out)); no in × in or out × out matrix is built. ``‖d‖²`` is absent without a ``rank_scale``
     (the regulariser on another initialiser)."""
-    dt = torch.float64 if layer.lora_A.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(layer.lora_A.dtype)
     A, B = layer.lora_A.to(dt), layer.lora_B.to(dt)
     gap_A, gap_B = _gram_gap_squared(A, rows=True), _gram_gap_squared(B, rows=False)
     if config.kasa_regularizer_form == "reference":
@@ -86,3 +84,12 @@ def penalty(layer, config, module_name: str = "") -> torch.Tensor:
 def averaged(config) -> bool:
     """True when the model-level loss divides the sum of :func:`penalty` over layers by their number."""
     return config.kasa_regularizer_form == "reference"
+
+
+METHOD = Method(
+    "kasa", initialize, rewrites_base=True,  # the output changes at init, by design (d ~ N(0, 1))
+    regularizer=Regularizer("kasa", penalty, averaged),
+    options=(nonnegative_real("kasa_beta", 1e-4), nonnegative_real("kasa_gamma", 1e-3),
+             choice("kasa_truncation", "min", ("min", "in")),
+             choice("kasa_regularizer_form", "rr", ("rr", "reference"))),
+)

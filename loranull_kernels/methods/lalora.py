@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method
+from .base import Method, Option, Regularizer, choice, is_int, nonnegative_real
 from .lora import initialize
-
-METHOD = Method("lalora", initialize)
 
 _BUFFERS = ("lalora_A0", "lalora_B0", "lalora_FA", "lalora_FB", "lalora_S", "lalora_GU", "lalora_Gs")
 
@@ -152,3 +150,12 @@ class CurvatureAccumulator:
         layer.register_buffer("lalora_S", self.S / max(self.tokens, 1))
         layer.register_buffer("lalora_GU", U.to(torch.float32).contiguous())
         layer.register_buffer("lalora_Gs", sigma.to(torch.float32))
+
+
+METHOD = Method(
+    "lalora", initialize,
+    regularizer=Regularizer("lalora", penalty, state_prefix="lalora_"),
+    options=(nonnegative_real("lalora_lambda", 1.0), nonnegative_real("lalora_prior_precision", 1e-3),
+             choice("lalora_curvature", "diag", ("diag", "kfac")),
+             Option("lalora_kfac_rank", 32, lambda v: is_int(v) and v >= 1, "an int ≥ 1")),
+)

@@ -11,9 +11,11 @@ smallest eigenvectors (in × null_dim):
 
 v2 (``freeze_A=True``) trains B only, so every update ``(B − B0) A0`` keeps its row space in span(Q).
 """
+from __future__ import annotations
+
 import torch
 
-from .base import AdapterInit, Method, split_singular
+from .base import AdapterInit, Method, Option, choice, flag, is_int, split_singular
 
 
 def null_basis(covariance: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,4 +79,31 @@ def initialize(weight, r, scaling, config, covariance=None, generator=None) -> A
     return AdapterInit(lora_A=A, lora_B=B, weight=weight - scaling * (B @ A))
 
 
-METHOD = Method("lora_null", initialize, needs_calibration=True, rewrites_base=True)
+
+
+def check_config(config) -> None:
+    if config.null_dim is not None and (not is_int(config.null_dim) or config.null_dim < config.r):
+        raise ValueError(f"AdapterConfig.null_dim must be an int ≥ r={config.r} or None, got {config.null_dim!r}")
+    if config.lora_null_init == "basis" and config.null_dim not in (None, config.r):
+        raise ValueError("AdapterConfig.lora_null_init='basis' (A0 = Qᵀ) needs null_dim = r")
+
+
+def check_layer(config, in_features: int, out_features: int) -> str | None:
+    if config.null_dim is not None and config.null_dim > in_features:
+        # the null space Q is (in, null_dim); the caller appends the layer: "... in_features=16 of layer 'q_proj'"
+        return f"AdapterConfig.null_dim={config.null_dim} exceeds in_features={in_features}"
+    return None
+
+
+def solve_calibration(covariances, config, dtype: torch.dtype) -> tuple[list, str]:
+    """:func:`solve_null_spaces` of a group of layers at the config's null-space dimension."""
+    return solve_null_spaces(covariances, config.null_dim or config.r, dtype)
+
+
+METHOD = Method(
+    "lora_null", initialize, needs_calibration=True, rewrites_base=True,
+    options=(Option("null_dim", None, lambda v: v is None or is_int(v), "an int ≥ r or None"),
+             choice("lora_null_init", "svd", ("svd", "basis")),
+             flag("normalize_calibration", False)),
+    check_config=check_config, check_layer=check_layer, solve_calibration=solve_calibration,
+)

@@ -1,6 +1,6 @@
 """PiSSA: the adapter takes W's top-r singular components, the base keeps the rest (for comparison with MiLoRA,
 which takes the minor ones). Only the top components are needed, so the randomized SVD (``lk.rsvd``) does it."""
-from .base import AdapterInit, Method, split_singular
+from .base import AdapterInit, Method, nonnegative_int, split_singular
 
 
 def initialize(weight, r, scaling, config, covariance=None, generator=None) -> AdapterInit:
@@ -13,4 +13,5 @@ def initialize(weight, r, scaling, config, covariance=None, generator=None) -> A
     return AdapterInit(lora_A=A, lora_B=B, weight=weight - scaling * (B @ A))
 
 
-METHOD = Method("pissa", initialize, rewrites_base=True)
+METHOD = Method("pissa", initialize, rewrites_base=True,
+                options=(nonnegative_int("pissa_oversample", 16), nonnegative_int("pissa_n_iter", 4)))

@@ -28,11 +28,8 @@ import math
 import torch
 
 from ..ops.rose_prune import RoseTensors, rose_prune_
-from .base import Method
+from .base import Method, Option, SparsitySchedule, is_real, nonnegative_int
 from .lora import initialize
-
-METHOD = Method("roselora", initialize)
-
 
 def keep_fraction(step: int, config) -> float:
     """τ_t: the fraction of each row of A / column of B kept after optimiser step ``step`` (0-based)."""
@@ -131,3 +128,21 @@ def _write_shard(p, whole: torch.Tensor) -> None:
 
     with torch.no_grad():  # every rank holds the same `whole`: each keeps its own shard, no communication
         p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+
+def check_config(config) -> None:
+    if config.rose_t_final < config.rose_t_init:
+        raise ValueError(f"AdapterConfig.rose_t_final={config.rose_t_final} must be ≥ "
+                         f"rose_t_init={config.rose_t_init}")
+
+
+METHOD = Method(
+    "roselora", initialize,
+    sparsity=SparsitySchedule("roselora", attach, after_step, state_prefix="rose_"),
+    options=(Option("rose_keep", 0.05, lambda v: is_real(v) and 0.0 < v <= 1.0, "in (0, 1]"),
+             nonnegative_int("rose_t_init", 3), nonnegative_int("rose_t_final", 20),
+             Option("rose_ema", 0.8, lambda v: is_real(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+             Option("rose_clamp", None, lambda v: v is None or (is_real(v) and v > 0),
+                    "a finite number > 0 or None")),
+    check_config=check_config,
+)

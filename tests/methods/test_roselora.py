@@ -9,7 +9,7 @@ import loranull_kernels as lk
 from loranull_kernels.methods import roselora
 from loranull_kernels.nn import LoRALinear
 from loranull_kernels.ops.rose_prune import RoseTensors, rose_prune_
-from loranull_kernels.sparse_delta import apply_sparse_delta, export_sparse_delta, load_sparse_delta
+from loranull_kernels.export.sparse_delta import apply_sparse_delta, export_sparse_delta, load_sparse_delta
 
 from ..helpers import assert_close
 from ..pieces_helpers import one_thread, regression_task, train, two_layer  # noqa: F401

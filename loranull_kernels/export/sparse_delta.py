@@ -15,7 +15,7 @@ import safetensors.torch as st
 import torch
 from torch import nn
 
-from ._pieces import adapter_layers
+from ..adapter_layers import configured_layers
 
 FORMAT = "loranull_kernels.sparse_delta"
 
@@ -41,7 +41,7 @@ def export_sparse_delta(model: nn.Module, path: str | os.PathLike) -> dict[str, 
         ValueError: no adapter layer, or a layer whose base was rewritten.
     """
     tensors, shapes, counts = {}, {}, {}
-    for name, layer, cfg in adapter_layers(model):
+    for name, layer, cfg in configured_layers(model):
         if layer.lora_A0 is not None:
             raise ValueError(f"export_sparse_delta: {name!r} uses method {cfg.method!r}, which rewrote the base "
                              "weight (W_base = W − s·B0A0): its change to the pre-trained weight is dense. Use an "

@@ -1,4 +1,4 @@
-"""Adapter files: save / load a model's adapters, and export them as a plain LoRA that PEFT (or vLLM) loads.
+"""Adapter files: save / load a model's adapters (exports to other formats: :mod:`loranull_kernels.export`).
 
 Format (a directory, :data:`FORMAT_VERSION` 1):
 
@@ -16,7 +16,7 @@ Base-rewriting methods (pissa, milora, lora_null, kasa) store no residual base: 
 :meth:`LoRALinear.from_linear` used, so loading onto a fresh original model reproduces the saved model's base bit
 for bit. The file stays adapter-sized (a residual would be a copy of every targeted weight).
 
-Every directory is written atomically: into a temporary directory beside ``path``, then renamed into place, one
+Every directory is written atomically (:mod:`.atomic_dir`): into a temporary directory beside ``path``, then renamed into place, one
 writer at a time (an ``flock`` on the parent directory). A process killed mid-save leaves the previous adapter (or
 none) at ``path``, never a half-written one that loads; killed between moving the previous adapter aside and renaming
 the new one in, it leaves the previous one in a hidden ``.<name>.old-*`` directory beside ``path``, which the next
@@ -29,29 +29,28 @@ field's dtype (the adapter's float dtype as saved, bool masks, float64 fingerpri
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch as st
 import torch
 from torch import nn
 
+from . import atomic_dir
+from ._dtypes import compute_dtype
+from .adapter_layers import adapter_layers, single_config
 from .config import AdapterConfig
-from .nn import LoRALinear, _compute_dtype
-from .targets import as_linear, is_linear_like, linear_shape
+from .methods import REGULARIZERS, SPARSITY
+from .nn import LoRALinear
+from .base_weight import base_weight
+from .targets import is_linear_like, linear_shape
 
 FORMAT = "loranull_kernels.adapter"
 FORMAT_VERSION = 1
 CONFIG_NAME = "loranull_adapter.json"
 WEIGHTS_NAME = "loranull_adapter.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _FINGERPRINT_SEED = 20240601
 # Relative tolerance of the base fingerprint by the base's dtype: above the rounding a rebuilt original weight
 # carries, far below the O(1) difference of another model's weight.
@@ -60,13 +59,12 @@ _TENSOR_FIELDS = ("lora_A", "lora_B", "rank_scale", "mask_A", "mask_B", "lora_A0
 _FILE_FIELDS = _TENSOR_FIELDS + ("bias", "base_fingerprint")
 # Not piece state: the merge state is the model's, never saved (a merged layer refuses a load).
 _KNOWN_FIELDS = _FILE_FIELDS + ("lora_merged",)
-# The buffer-name prefixes of each piece's state (only these names may come from a file as piece state).
-_PIECE_STATE_PREFIXES = {"roselora": "rose_", "lalora": "lalora_"}
 
 
 def _piece_prefixes(cfg: AdapterConfig) -> tuple[str, ...]:
-    return tuple(_PIECE_STATE_PREFIXES[p] for p in (cfg.effective_sparsity, cfg.effective_regularizer)
-                 if p in _PIECE_STATE_PREFIXES)
+    """The buffer-name prefixes of the config's pieces' state: only these names may come from a file as state."""
+    pieces = (REGULARIZERS.get(cfg.effective_regularizer), SPARSITY.get(cfg.effective_sparsity))
+    return tuple(p.state_prefix for p in pieces if p is not None and p.state_prefix)
 
 
 def _piece_buffers(layer: LoRALinear) -> dict[str, torch.Tensor]:
@@ -76,28 +74,7 @@ def _piece_buffers(layer: LoRALinear) -> dict[str, torch.Tensor]:
             if t is not None and n not in _KNOWN_FIELDS and n not in layer._non_persistent_buffers_set}
 
 
-# ----------------------------------------------------------------------------------------------------- helpers
-def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """The ``(name, LoRALinear)`` pairs of ``model``, in ``named_modules`` order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def _layer_config(layer: LoRALinear) -> AdapterConfig:
-    cfg = getattr(layer, "adapter_config", None)
-    if cfg is not None:
-        return cfg
-    return AdapterConfig(method=layer.method, r=layer.r, alpha=layer.alpha, dropout=layer.dropout,
-                         use_rslora=layer.use_rslora, freeze_A=not layer.lora_A.requires_grad)
-
-
-def _model_config(layers: list[tuple[str, LoRALinear]]) -> AdapterConfig:
-    configs = {json.dumps(_layer_config(l).to_dict(), sort_keys=True): n for n, l in layers}
-    if len(configs) > 1:
-        raise ValueError(f"the model's adapters have {len(configs)} different configs (e.g. layers "
-                         f"{list(configs.values())[:2]}); save_adapter / export_peft need one AdapterConfig")
-    return _layer_config(layers[0][1])
-
-
+# ----------------------------------------------------------------------------------------------- fingerprints
 def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """``W v`` (out,) float64 on the CPU for a fixed pseudo-random ``v``: a cheap signature of W (out, in)."""
     v = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(_FINGERPRINT_SEED), dtype=torch.float64)
@@ -107,7 +84,7 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
 def _original_weight(layer: LoRALinear) -> torch.Tensor:
     """The pre-trained W (out, in) in the compute dtype, rounded once to the base dtype: that rounding recovers the
     stored W exactly wherever the residual's own rounding error is below half an ulp of W (half-precision bases)."""
-    return layer.original_weight().to(layer.weight.dtype).to(_compute_dtype(layer.weight.dtype))
+    return layer.original_weight().to(layer.weight.dtype).to(compute_dtype(layer.weight.dtype))
 
 
 def _check_fingerprint(name: str, weight: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype,
@@ -123,115 +100,8 @@ def _check_fingerprint(name: str, weight: torch.Tensor, saved: torch.Tensor, dty
                          f"{rtol:.0e} for {dtype}); load it onto the original model")
 
 
-def _target_path(path, what: str) -> Path:
-    """``path`` resolved (symlinks followed), refused when replacing it would move the working directory away."""
-    try:
-        resolved = Path(os.path.realpath(os.fspath(path)))
-    except TypeError:
-        raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}") from None
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if resolved == cwd or resolved in cwd.parents:
-        raise ValueError(f"{what}: path {os.fspath(path)!r} is the current working directory or one of its parents "
-                         f"({resolved}); the adapter directory is replaced as a whole: name a subdirectory")
-    return resolved
-
-
-@contextlib.contextmanager
-def _locked_parent(path: Path):
-    """An exclusive advisory lock (``flock``) on ``path``'s parent directory while saving or recovering: one
-    writer at a time, and a writer that dies releases it. No lock where ``fcntl`` is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; saves there are not protected against each other
-        yield
-        return
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _leftovers(path: Path) -> tuple[list[Path], list[Path]]:
-    """The ``(tmp, old)`` directories killed saves of ``path`` left beside it (mkdtemp names: 8 random chars)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
-    found: dict[str, list[Path]] = {"tmp": [], "old": []}
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(path.parent):
-            m = pattern.fullmatch(entry.name)
-            if m and entry.is_dir(follow_symlinks=False):
-                found[m.group(1)].append(Path(entry.path))
-    return found["tmp"], found["old"]
-
-
-def _recover(path: Path) -> None:
-    """Undo what a killed save left (call with the parent locked). A save killed between moving the previous
-    adapter aside and renaming the new one into place leaves no ``path``: the previous adapter is moved back (the
-    interrupted save did not happen). Unfinished temporary directories and the leftovers of finished saves are
-    deleted."""
-    tmps, olds = _leftovers(path)
-    if not os.path.lexists(path):
-        for old in sorted(olds, key=lambda d: d.stat().st_mtime, reverse=True):
-            if (old / path.name).is_dir():
-                os.rename(old / path.name, path)
-                break
-    for d in tmps + olds:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # make renames durable where directories can be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_directory(path: str | os.PathLike, allowed: tuple[str, ...], what: str):
-    """Yield a fresh temporary directory beside ``path``; on success rename it to ``path`` (replacing a previous
-    directory that holds only ``allowed`` files); on error delete it and leave ``path`` untouched.
-
-    A process killed at any point leaves the previous directory at ``path`` or beside it, in
-    ``.<name>.old-*/<name>``; the next save or load of ``path`` puts it back (:func:`_recover`)."""
-    path = _target_path(path, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_parent(path):
-        _recover(path)
-        if os.path.lexists(path):
-            if not path.is_dir():
-                raise FileExistsError(f"{path} exists and is not a directory")
-            extra = sorted(set(os.listdir(path)) - set(allowed))
-            if extra:
-                raise FileExistsError(f"{path} exists and holds other files ({extra[:5]}); refusing to replace it")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            yield tmp
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if os.path.lexists(path):
-                old_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.rename(path, old_root / path.name)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old_root / path.name, path)
-                    raise
-                _fsync_dir(path.parent)
-                shutil.rmtree(old_root, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def _cpu(t: torch.Tensor) -> torch.Tensor:
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU tensor, as safetensors writes it."""
     return t.detach().to("cpu").contiguous()
 
 
@@ -251,19 +121,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear adapter (call lk.inject first)")
-    cfg = _model_config(layers)
+    cfg = single_config(layers, "save_adapter / export_peft")
     prefixes = _piece_prefixes(cfg)
     tensors, modules = {}, {}
     for name, layer in layers:
         for field in _TENSOR_FIELDS:
             t = getattr(layer, field)
             if t is not None:
-                tensors[f"{name}.{field}"] = _cpu(t)
+                tensors[f"{name}.{field}"] = cpu_copy(t)
         if layer.bias is not None and layer.bias.requires_grad:
-            tensors[f"{name}.bias"] = _cpu(layer.bias)
+            tensors[f"{name}.bias"] = cpu_copy(layer.bias)
         for field, t in _piece_buffers(layer).items():
             if field.startswith(prefixes):  # the loader accepts exactly the state of the config's pieces
-                tensors[f"{name}.{field}"] = _cpu(t)
+                tensors[f"{name}.{field}"] = cpu_copy(t)
         tensors[f"{name}.base_fingerprint"] = _fingerprint(_original_weight(layer))
         modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "bias": layer.bias is not None, "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
@@ -271,7 +141,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                          "adapter_dtype": str(layer.lora_A.dtype).removeprefix("torch.")}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
             "config": cfg.to_dict(), "modules": modules}
-    with _atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME), "save_adapter") as tmp:
+    with atomic_dir.atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME), "save_adapter") as tmp:
         st.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(meta, f, indent=2)
@@ -368,11 +238,11 @@ def _check_keys(weights_file: Path, meta: dict, cfg: AdapterConfig, tensors: dic
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    path = _target_path(path, "load_adapter")
+    path = atomic_dir.target_path(path, "load_adapter")
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not os.path.lexists(path) and any(_leftovers(path)):  # a save of path was killed mid-way: undo it
-        with _locked_parent(path):
-            _recover(path)
+    if not os.path.lexists(path) and any(atomic_dir.leftovers(path)):  # a save of path was killed mid-way: undo it
+        with atomic_dir.locked_parent(path):
+            atomic_dir.recover(path)
     if not cfg_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{path} is not a loranull_kernels adapter directory (needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}; a PEFT directory loads with peft.PeftModel.from_pretrained)")
@@ -444,7 +314,7 @@ def _assign(layer: LoRALinear, name: str, tensors: dict[str, torch.Tensor]) -> N
     A0, B0 = A0.to(dev, adt), B0.to(dev, adt)
     if layer.lora_A0 is not None and torch.equal(layer.lora_A0, A0) and torch.equal(layer.lora_B0, B0):
         return  # the base already is W − s·B0A0 for these very B0, A0
-    cd = _compute_dtype(layer.weight.dtype)
+    cd = compute_dtype(layer.weight.dtype)
     W = _original_weight(layer)
     # The same operations as the initialisers' `weight - scaling * (B @ A)`: a bit-identical residual.
     layer.weight.copy_(W - layer.scaling * (B0.to(cd) @ A0.to(cd)))
@@ -509,8 +379,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              f"({info['in_features']} → {info['out_features']}): another base model")
         if cfg.r > min(shape):  # the layer constructor would refuse it after earlier layers were replaced
             raise ValueError(f"load_adapter: the file's r={cfg.r} exceeds min(in, out) = {min(shape)} of {name!r}")
-        W = as_linear(module).weight.detach()
-        _check_fingerprint(name, W.to(_compute_dtype(W.dtype)), tensors[f"{name}.base_fingerprint"], W.dtype,
+        W = base_weight(module).dense()
+        _check_fingerprint(name, W.to(compute_dtype(W.dtype)), tensors[f"{name}.base_fingerprint"], W.dtype,
                            info["base_dtype"])
         targets.append((name, module))
     from .inject import replace_targets
@@ -519,80 +389,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, _ in targets:
         _assign(model.get_submodule(name), name, tensors)
     return model
-
-
-# ------------------------------------------------------------------------------------------------------ export
-def to_plain_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The layer's change to its *original* weight as a plain LoRA: ``(A', B', scaling)`` with
-    ``scaling · B' A' = (weight + delta_weight()) − original_weight()``.
-
-    Masks are folded into A and B, ``rank_scale`` into B. For base-rewriting methods (``lora_A0`` set: pissa,
-    milora, lora_null, kasa) the rank doubles: ``A' = [A; A0]`` (2r, in), ``B' = [B, −B0]`` (out, 2r), i.e.
-    ``ΔW = s(BA − B0A0)``; otherwise ``A'`` (r, in), ``B'`` (out, r). Computed in float32 (float64 for float64
-    layers); ``scaling`` is the layer's ``s``. Independent of the merge state.
-    """
-    if not isinstance(layer, LoRALinear):
-        raise TypeError(f"to_plain_lora needs a LoRALinear, got {type(layer).__name__}")
-    cd = _compute_dtype(layer.weight.dtype)
-    A, B = layer.effective_factors(cd)
-    if layer.lora_A0 is not None:
-        A = torch.cat([A, layer.lora_A0.to(cd)], dim=0)
-        B = torch.cat([B, -layer.lora_B0.to(cd)], dim=1)
-    return A, B, layer.scaling
-
-
-def export_peft(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's key layout
-    ``base_model.model.<module>.lora_{A,B}.weight``) that ``peft.PeftModel.from_pretrained(original_model, path)``
-    loads to the same outputs as ``model``; vLLM and other LoRA consumers read the same files.
-
-    The adapter is :func:`to_plain_lora` of every layer, on the ORIGINAL base: rank 2r for base-rewriting methods,
-    ``lora_alpha = s · rank`` with ``use_rslora = False`` so PEFT's ``lora_alpha / r`` reproduces ``s`` exactly.
-    Trained biases are exported with ``bias = "lora_only"``. Merged layers export the same as unmerged ones (only
-    adapter tensors are read). Inference is identical; when training continues in PEFT with dropout > 0, PEFT's
-    dropout also applies to the ``−B0A0`` half, which ours keeps in the (dropout-free) base.
-
-    Raises:
-        ValueError: the model has no adapter. FileExistsError: as :func:`save_adapter`.
-    """
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("export_peft: the model has no LoRALinear adapter")
-    cfg = _model_config(layers)
-    tensors, ranks, scalings = {}, set(), set()
-    train_bias = False
-    for name, layer in layers:
-        A, B, s = to_plain_lora(layer)
-        ranks.add(A.shape[0])
-        scalings.add(s)
-        dt = layer.lora_A.dtype
-        tensors[f"base_model.model.{name}.lora_A.weight"] = _cpu(A.to(dt))
-        tensors[f"base_model.model.{name}.lora_B.weight"] = _cpu(B.to(dt))
-        if layer.bias is not None and layer.bias.requires_grad:
-            train_bias = True
-            tensors[f"base_model.model.{name}.base_layer.bias"] = _cpu(layer.bias)
-    if len(ranks) > 1 or len(scalings) > 1:
-        raise ValueError(f"export_peft: layers convert to different ranks {sorted(ranks)} / scalings; one "
-                         "AdapterConfig per model is supported")
-    rank, s = ranks.pop(), scalings.pop()
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "r": rank,
-        "lora_alpha": s * rank,
-        "use_rslora": False,
-        "lora_dropout": cfg.dropout,
-        "target_modules": [n for n, _ in layers],
-        "fan_in_fan_out": any(getattr(l, "fan_in_fan_out", False) for _, l in layers),
-        "bias": "lora_only" if train_bias else "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    with _atomic_directory(path, (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME), "export_peft") as tmp:
-        st.save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(tmp / PEFT_CONFIG_NAME, "w") as f:
-            json.dump(peft_config, f, indent=2)
