@@ -1,26 +1,31 @@
-"""Which implementation of the kernels runs: ``"triton"`` or ``"torch"``.
+"""The registry of backends, and the one dispatch every op uses: which implementation of an op runs.
 
-Selection, in order of precedence:
+:data:`BACKENDS` names every backend with the function that says where it cannot run: ``"triton"`` (the Triton
+kernels), ``"cuda"`` (the compiled CUDA extension ``_C``, :mod:`._extension`) and ``"torch"`` (PyTorch, runs
+everywhere: every op's fallback). Each op lists the backends it has, most preferred first (its
+``IMPLEMENTATIONS``), and asks :func:`select` which one runs. Selection, in order of precedence:
 
 1. :func:`use` (a context manager, for tests and benchmarks that compare backends);
-2. the environment variable ``LORANULL_BACKEND`` = ``auto`` | ``triton`` | ``torch``;
-3. ``auto``: Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI
-   tests every kernel without a GPU); the PyTorch fallback everywhere else, and for dtypes the Triton kernels do
-   not take (float64).
+2. the environment variable ``LORANULL_BACKEND`` = ``auto`` | ``triton`` | ``cuda`` | ``torch``;
+3. ``auto``: the op's first backend that can run on the tensors: Triton for CUDA tensors, and for CPU tensors when
+   ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI tests every kernel without a GPU); the CUDA extension for
+   CUDA tensors when it is built or can be JIT-built; the PyTorch fallback everywhere else, and for dtypes the
+   Triton kernels do not take (float64).
 
-``report()`` prints what is available on this machine and why.
+A requested backend that an op does not have counts as ``auto`` for that op (``triton`` still lets ``rsvd`` use
+the CUDA extension); one that it has but that cannot run here raises. ``report()`` prints what is available on
+this machine and why.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("triton", "torch")
-_CHOICES = ("auto",) + BACKENDS
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = TRITON_DTYPES + (torch.float64,)
 
@@ -75,26 +80,59 @@ def triton_unusable_reason(device: torch.device, dtype: torch.dtype | None = Non
     return None
 
 
-def select(device: torch.device, dtype: torch.dtype | None = None) -> str:
+def cuda_unusable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when the CUDA extension ``_C`` can run on tensors of this device, else why not (may JIT-build it)."""
+    if device.type != "cuda":
+        return f"the CUDA extension runs on CUDA tensors, not {device.type!r} ones"
+    from . import _extension
+
+    return None if _extension.available() else f"the CUDA extension is {_extension.status()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend: its name and ``unusable_reason(device, dtype)``, None where it can run, else why not."""
+
+    name: str
+    unusable_reason: Callable[[torch.device, torch.dtype | None], str | None]
+
+
+BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", triton_unusable_reason),
+    "cuda": Backend("cuda", cuda_unusable_reason),
+    "torch": Backend("torch", lambda device, dtype=None: None),
+}
+_CHOICES = ("auto",) + tuple(BACKENDS)
+
+
+def select(device: torch.device, dtype: torch.dtype | None = None,
+           among: tuple[str, ...] = ("triton", "torch")) -> str:
     """The backend that will run an op on tensors of ``device`` / ``dtype``.
 
+    Args:
+        among: the op's backends, most preferred first, ending with ``"torch"`` (an op's ``IMPLEMENTATIONS``); the
+            default is that of the ops with a Triton implementation.
     Raises:
-        RuntimeError: ``triton`` was requested explicitly but cannot run here (the message says why).
+        RuntimeError: a backend of ``among`` was requested explicitly but cannot run here (the message says why).
     """
     req = requested()
     if req == "torch":
         return "torch"
-    why = triton_unusable_reason(torch.device(device), dtype)
-    if req == "triton":
+    device = torch.device(device)
+    if req in among:
+        why = BACKENDS[req].unusable_reason(device, dtype)
         if why is not None:
-            raise RuntimeError(f"backend 'triton' was requested but {why}")
-        return "triton"
-    return "triton" if why is None else "torch"
+            raise RuntimeError(f"backend {req!r} was requested but {why}")
+        return req
+    for name in among[:-1]:
+        if BACKENDS[name].unusable_reason(device, dtype) is None:
+            return name
+    return among[-1]
 
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """Force a backend (``"triton"``, ``"torch"`` or ``"auto"``) inside a ``with`` block.
+    """Force a backend (``"triton"``, ``"cuda"``, ``"torch"`` or ``"auto"``) inside a ``with`` block.
 
     Not thread-local: meant for tests, benchmarks and scripts, not for concurrent use.
     """
