@@ -10,19 +10,10 @@ import torch
 import torch.nn.functional as F
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    rank_scale: torch.Tensor | None = None,
-    mask_A: torch.Tensor | None = None,
-    mask_B: torch.Tensor | None = None,
-    keep_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                bias: torch.Tensor | None = None, dropout_p: float = 0.0, rank_scale: torch.Tensor | None = None,
+                mask_A: torch.Tensor | None = None, mask_B: torch.Tensor | None = None,
+                keep_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x Wᵀ + scaling · (drop(x) (A⊙mask_A)ᵀ ⊙ d) (B⊙mask_B)ᵀ + bias``.
 
     Args:

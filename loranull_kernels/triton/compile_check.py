@@ -6,8 +6,8 @@ shapes, dtype mixes, loop-carried scalar types, shared memory beyond the SM's), 
     python -m loranull_kernels.triton.compile_check --arch 90 --report
 
 Each kernel is compiled as a GPU launch would compile it: the lora_linear kernels' arguments are recorded from the
-launcher itself (``ops/lora_linear_triton.py``) run on meta tensors at the reference shape, with the GPU config
-tables, then specialised by Triton's JIT rules (an integer equal to 1 becomes a constant, multiples of 16 and
+launcher itself (``ops/lora_linear/triton_backend.py``) run on meta tensors at the reference shape, with the GPU
+config tables, then specialised by Triton's JIT rules (an integer equal to 1 becomes a constant, multiples of 16 and
 pointers are marked 16-divisible): a unit stride the launcher passes is what lets the compiler vectorise loads and
 pipeline them with ``cp.async``. bf16/fp16/fp32 inputs, optional features on and off; every kernel must fit the SM's
 shared memory.
@@ -97,13 +97,13 @@ class _Recorder:
 
 
 class _Configs:
-    """Stands in for ``triton.configs`` on meta tensors: every kernel gets ``table``'s entry."""
+    """Stands in for ``ops/lora_linear/triton_configs.py`` on meta tensors: every kernel gets ``table``'s entry."""
 
     def __init__(self, table: dict):
         self.table = table
 
     def config(self, kernel, device, dtype=None, dropout=False):
-        from .configs import lookup
+        from ..ops.lora_linear.triton_configs import lookup
 
         cfg = lookup(self.table, kernel, dtype, dropout)
         if cfg.get("SPLIT_M") == "auto":  # what "auto" gives on a 132-SM H100 at the reference shape
@@ -116,8 +116,7 @@ def record_lora_linear(table: dict, dtype: str, adapter: str, on: bool, r: int) 
     Triton backend at the reference shape, with ``table``'s configs, recorded from the launcher on meta tensors."""
     import torch
 
-    from ..ops import lora_linear_triton as launcher
-    from . import lora_linear as kernels
+    from ..ops.lora_linear import triton_backend as launcher, triton_kernels as kernels
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     M, K, N = REFERENCE_SHAPE["M"], REFERENCE_SHAPE["K"], REFERENCE_SHAPE["N"]
@@ -163,8 +162,7 @@ def lora_linear_cases(tables: Optional[dict] = None, variants=None):
     """The fused LoRA linear kernels as the launcher launches them, per GPU config table and variant."""
     import triton.language as tl
 
-    from . import configs
-    from . import lora_linear as k
+    from ..ops.lora_linear import triton_configs as configs, triton_kernels as k
 
     names = {tl.bfloat16: "bf16", tl.float16: "fp16", tl.float32: "fp32"}
     for table_name, table in (tables or configs.TABLES).items():

@@ -196,7 +196,7 @@ def test_frozen_A_saves_no_x_and_computes_no_dA(backend, monkeypatch):
     x, weight, A, B, kw = make_inputs((40,), 45, 29, 5, torch.float32, FEATURES["frozen_A"])
     kw["dropout_p"] = 0.1
     if backend == "triton":
-        from loranull_kernels.ops.lora_linear_triton import _triton
+        from loranull_kernels.ops.lora_linear.triton_backend import _triton
 
         kernels = _triton()[2]
 
@@ -205,7 +205,7 @@ def test_frozen_A_saves_no_x_and_computes_no_dA(backend, monkeypatch):
 
         monkeypatch.setattr(kernels, "lora_da_kernel", type("K", (), {"__getitem__": lambda s, g: forbidden})())
     else:
-        from loranull_kernels.ops import sparse_dropout
+        from loranull_kernels.ops.lora_linear import sparse_dropout
 
         monkeypatch.setattr(sparse_dropout, "cols_product", lambda *a, **k: pytest.fail("dA computed"))
     with lk.backend.use(backend):

@@ -1,9 +1,9 @@
-"""The torch backend's seeded dropout (:mod:`loranull_kernels.ops.sparse_dropout`): every bit of the seed counts, and
+"""The torch backend's seeded dropout (:mod:`loranull_kernels.ops.lora_linear.sparse_dropout`): every bit of the seed counts, and
 tiny probabilities draw gaps past any integer type without wrapping around."""
 import torch
 
 import loranull_kernels as lk
-from loranull_kernels.ops import sparse_dropout
+from loranull_kernels.ops.lora_linear import sparse_dropout
 
 CPU = torch.device("cpu")
 

@@ -44,20 +44,8 @@ def _kept(x: torch.Tensor, dropped: sparse_dropout.Dropped) -> torch.Tensor:
     return sparse_dropout.zero_dropped_(x.clone(memory_format=torch.contiguous_format), dropped)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rank_scale: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    mask_A: Optional[torch.Tensor],
-    mask_B: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scaling: float,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(y (M, N) in x.dtype, H = drop(x) Aᵀ (M, r) in the accumulation dtype)``."""
+def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p):
+    """:func:`.autograd.forward_op` (the contract) on this backend; H is in the accumulation dtype."""
     cdt, adt = x.dtype, accumulation_dtype(x.dtype)
     A = _effective(lora_A, mask_A, cdt)
     if dropout_p > _DENSE_ABOVE:
@@ -79,26 +67,9 @@ def forward(
     return y, h
 
 
-def backward(
-    dy: torch.Tensor,
-    x: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rank_scale: Optional[torch.Tensor],
-    h: torch.Tensor,
-    mask_A: Optional[torch.Tensor],
-    mask_B: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scaling: float,
-    dropout_p: float,
-    need_dx: bool,
-    need_dA: bool,
-    need_dB: bool,
-    need_drank_scale: bool,
-    need_dbias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dx, dA, dB, d_rank_scale, dbias)``; a gradient not asked for is an empty tensor."""
+def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling, dropout_p,
+             need_dx, need_dA, need_dB, need_drank_scale, need_dbias):
+    """:func:`.autograd.backward_op` (the contract) on this backend."""
     cdt, adt = dy.dtype, accumulation_dtype(dy.dtype)
     d = None if rank_scale is None else rank_scale.to(adt)
     hd = h if d is None else h * d

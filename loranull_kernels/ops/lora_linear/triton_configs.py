@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ..backend import interpreting
+from ...backend import interpreting
 
 _INTERPRETER = {
     "down": dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1),

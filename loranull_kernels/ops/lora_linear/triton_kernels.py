@@ -31,13 +31,37 @@ def _keep(seed, rows, col0, K, p, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Tile coordinates in grouped order: consecutive programs share the same weight tiles in L2."""
+def _grouped(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of an (M, N) output in grouped order, where consecutive programs share the same weight
+    tiles in L2: its rows, its columns and its first column."""
+    pid, num_m, num_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n
     group = pid // width
     first_m = group * GROUP_M
     size = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size, (pid % width) // size
+    pid_m, pid_n = first_m + (pid % width) % size, (pid % width) // size
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n * BLOCK_N
+
+
+@triton.jit
+def _low_rank_tile(g_ptr, stride_gm, rm, M, d_ptr, stride_d, scale, f_ptr, mf_ptr, rc, C, stride_fc, stride_fr,
+                   stride_mfc, stride_mfr, R, HAS_RANK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+                   R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """``(G⊙d·scale)(F⊙mF)ᵀ`` on the tile rows ``rm`` × columns ``rc``, float32, where the forward's and dX's
+    accumulators start: G (M, R) float32 with unit column stride (H, or dG), F (C, R) the factor read as
+    ``F[c, r] = f_ptr[c·stride_fc + r·stride_fr]`` (B, or Aᵀ) and its bool mask mF alike."""
+    rr = tl.arange(0, R_PAD)
+    g = tl.load(g_ptr + rm[:, None] * stride_gm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if HAS_RANK_SCALE:
+        g = g * (tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32) * scale)[None, :]
+    else:
+        g = g * scale
+    f_mask = (rr[:, None] < R) & (rc[None, :] < C)
+    f = tl.load(f_ptr + rc[None, :] * stride_fc + rr[:, None] * stride_fr, mask=f_mask, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(mf_ptr + rc[None, :] * stride_mfc + rr[:, None] * stride_mfr, mask=f_mask, other=0)
+        f = tl.where(keep != 0, f, 0.0)
+    return tl.dot(g, f, input_precision=PRECISION)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -80,24 +104,10 @@ def lora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R_PAD)
-
+    rm, rn, _ = _grouped(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Accumulator starts at the low-rank product (s·H⊙d)(B⊙mB)ᵀ: Y is written exactly once.
-    ht = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    if HAS_RANK_SCALE:
-        d = tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)
-        ht = ht * (d * scaling)[None, :]
-    else:
-        ht = ht * scaling
-    b_mask = (rr[:, None] < R) & (rn[None, :] < N)
-    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br, mask=b_mask, other=0.0).to(tl.float32)
-    if HAS_MASK_B:
-        keep_b = tl.load(mb_ptr + rn[None, :] * stride_mbn + rr[:, None] * stride_mbr, mask=b_mask, other=0)
-        bt = tl.where(keep_b != 0, bt, 0.0)
-    acc = tl.dot(ht, bt, input_precision=PRECISION)
+    acc = _low_rank_tile(h_ptr, stride_hm, rm, M, d_ptr, stride_d, scaling, b_ptr, mb_ptr, rn, N, stride_bn, stride_br,
+                         stride_mbn, stride_mbr, R, HAS_RANK_SCALE, HAS_MASK_B, R_PAD, PRECISION)
 
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -179,23 +189,12 @@ def lora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, R_PAD)
-
-    # Accumulator starts at the adapter's input gradient ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p).
-    dh = tl.load(dg_ptr + rm[:, None] * stride_dgm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    if HAS_RANK_SCALE:
-        dh = dh * tl.load(d_ptr + rr * stride_d, mask=rr < R, other=0.0).to(tl.float32)[None, :]
-    a_mask = (rr[:, None] < R) & (rk[None, :] < K)
-    at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-    if HAS_MASK_A:
-        keep_a = tl.load(ma_ptr + rr[:, None] * stride_mar + rk[None, :] * stride_mak, mask=a_mask, other=0)
-        at = tl.where(keep_a != 0, at, 0.0)
-    acc = tl.dot(dh, at, input_precision=PRECISION)
+    rm, rk, k0 = _grouped(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    # Accumulator starts at the adapter's input gradient ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p); Aᵀ is the factor (K, R).
+    acc = _low_rank_tile(dg_ptr, stride_dgm, rm, M, d_ptr, stride_d, 1.0, a_ptr, ma_ptr, rk, K, stride_ak, stride_ar,
+                         stride_mak, stride_mar, R, HAS_RANK_SCALE, HAS_MASK_A, R_PAD, PRECISION)
     if HAS_DROPOUT:
-        acc = tl.where(_keep(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), acc * keep_scale, 0.0)
+        acc = tl.where(_keep(seed, rm, k0, K, p, BLOCK_K), acc * keep_scale, 0.0)
 
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)

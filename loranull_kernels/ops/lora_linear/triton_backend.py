@@ -1,15 +1,16 @@
-"""The Triton backend of ``lora_linear``: launches the kernels of ``loranull_kernels.triton.lora_linear``.
+"""The Triton backend of ``lora_linear``: launches the kernels of :mod:`.triton_kernels` with the per-GPU
+configurations of :mod:`.triton_configs`.
 
 Triton is imported on first use only, so the package imports (and the torch backend runs) where Triton cannot.
-Signatures mirror :mod:`.lora_linear_torch` (they are registered as custom ops from the annotations).
+``forward`` / ``backward`` implement the contract of :mod:`.autograd` (the custom ops).
 """
 import functools
 from typing import Optional
 
 import torch
 
-from .. import backend
-from . import lora_linear_torch
+from ... import backend
+from . import torch_backend
 
 
 @functools.lru_cache(maxsize=None)
@@ -17,7 +18,7 @@ def _triton():
     import triton
     import triton.language as tl
 
-    from ..triton import configs, lora_linear as kernels
+    from . import triton_configs as configs, triton_kernels as kernels
 
     return triton, tl, kernels, configs
 
@@ -60,22 +61,10 @@ def _stride0(v: Optional[torch.Tensor]) -> int:
     return 0 if v is None else v.stride(0)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rank_scale: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    mask_A: Optional[torch.Tensor],
-    mask_B: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scaling: float,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(y (M, N) in x.dtype, H = drop(x) Aᵀ (M, r) float32)``."""
+def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p):
+    """:func:`.autograd.forward_op` (the contract) on this backend; H is float32."""
     if x.shape[0] == 0:
-        return lora_linear_torch.forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p)
+        return torch_backend.forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p)
     triton, _, kernels, configs = _triton()
     (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
     R_PAD, dot_dtype, precision = _r_pad(r), _dot_dtype(x.dtype), _precision(x.dtype)
@@ -111,29 +100,12 @@ def forward(
     return y, h
 
 
-def backward(
-    dy: torch.Tensor,
-    x: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rank_scale: Optional[torch.Tensor],
-    h: torch.Tensor,
-    mask_A: Optional[torch.Tensor],
-    mask_B: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scaling: float,
-    dropout_p: float,
-    need_dx: bool,
-    need_dA: bool,
-    need_dB: bool,
-    need_drank_scale: bool,
-    need_dbias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dx, dA, dB, d_rank_scale, dbias)``; a gradient not asked for is an empty tensor."""
+def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling, dropout_p,
+             need_dx, need_dA, need_dB, need_drank_scale, need_dbias):
+    """:func:`.autograd.backward_op` (the contract) on this backend."""
     if dy.shape[0] == 0:
-        return lora_linear_torch.backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling,
-                                          dropout_p, need_dx, need_dA, need_dB, need_drank_scale, need_dbias)
+        return torch_backend.backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling,
+                                      dropout_p, need_dx, need_dA, need_dB, need_drank_scale, need_dbias)
     triton, _, kernels, configs = _triton()
     (M, N), K, r = dy.shape, weight.shape[1], lora_A.shape[0]
     dev = dy.device
