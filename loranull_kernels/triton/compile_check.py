@@ -186,7 +186,7 @@ def covariance_cases():
     ``pick_config`` does), with and without a token mask, on a contiguous (8192, 4096) batch."""
     import torch
 
-    from . import covariance as cov
+    from ..ops.covariance import triton_backend as cov, triton_kernels
 
     T, K = 8192, 4096
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -207,7 +207,7 @@ def covariance_cases():
                         MASK=torch.empty(T, dtype=torch.uint8, device="meta"),
                         TILES=torch.empty(2, dtype=torch.int32, device="meta"),
                         T=T, K=K, stride_xt=K, stride_xk=1, stride_cm=K, stride_cn=1, stride_mask=1 if mask else 0)
-            fn = cov._covariance_upper_kernel
+            fn = triton_kernels.covariance_upper_kernel
             sig, cx, attrs = specialize(fn, args, cx)
             yield Case(f"covariance[{key}, {dtype}, mask={mask}]", fn, sig, cx, attrs, options, table=key,
                        tile=(cfg["BLOCK"], cfg["BLOCK"], cfg["BLOCK_T"]), dot_dtype=dtype)

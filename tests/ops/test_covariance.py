@@ -69,11 +69,11 @@ def test_wide_layer(backend_name):
 
 
 def test_triton_backend_runs_the_kernel(monkeypatch):
-    from loranull_kernels.triton import covariance as kernel
+    from loranull_kernels.ops.covariance import triton_backend as kernel
 
     calls = []
-    real = kernel.launch
-    monkeypatch.setattr(kernel, "launch", lambda *a: (calls.append(1), real(*a)))
+    real = kernel.covariance_update
+    monkeypatch.setattr(kernel, "covariance_update", lambda *a: (calls.append(1), real(*a)))
     with backend.use("triton"):
         covariance_update(torch.zeros(9, 9, device=DEVICE), _x((4, 9), torch.float32))
     with backend.use("torch"):

@@ -1,9 +1,9 @@
 """``covariance_update``: ``C += xᵀx`` in place, streaming, float32 accumulation.
 
-Validation lives here; the work is done by the Triton kernel (``loranull_kernels.triton.covariance``) or by the
-PyTorch fallback below, as ``loranull_kernels.backend.select`` decides. The work is registered as a
-``torch.library`` custom op that mutates ``C``, so graph capture sees one opaque in-place op rather than tracing
-into Triton or BLAS.
+Validation and dispatch live here; the work is done by the backend :func:`loranull_kernels.backend.select` picks
+among :data:`IMPLEMENTATIONS`: ``triton_backend.py`` (the launcher of ``triton_kernels.py``) or
+``torch_backend.py`` (the fallback). The work is registered as a ``torch.library`` custom op that mutates ``C``, so
+graph capture sees one opaque in-place op rather than tracing into Triton or BLAS.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Optional
 
 import torch
 
-from .. import backend
+from ... import backend
+from . import torch_backend, triton_backend
 
-# The fallback casts x to float32 this many elements at a time: fp32 accumulation without a full fp32 copy of x.
-_FALLBACK_CHUNK_ELEMENTS = 1 << 24
+# Backend name -> module with covariance_update(C, x2d, mask), most preferred first (backend.select's order).
+IMPLEMENTATIONS = {"triton": triton_backend, "torch": torch_backend}
 
 
 def _validate(C: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
@@ -45,37 +46,15 @@ def _validate(C: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None)
             raise ValueError(f"device mismatch: token_mask is on {token_mask.device} but x is on {x.device}")
 
 
-def _torch_update(C: torch.Tensor, x2d: torch.Tensor, mask: torch.Tensor | None) -> None:
-    # One full addmm_ rather than upper-triangle slabs: on an idle CPU the slabs (4 GEMMs + a mirror) were 1.3x
-    # faster, but on a shared 2-core machine their extra thread barriers made them 1.5-3x slower than this one call.
-    if mask is not None:
-        x2d = x2d[mask]  # the fallback copies the kept rows; the Triton kernel reads x in place
-    if x2d.dtype == torch.float32:
-        C.addmm_(x2d.t(), x2d)
-        return
-    rows = max(1, _FALLBACK_CHUNK_ELEMENTS // max(1, x2d.shape[1]))
-    for start in range(0, x2d.shape[0], rows):
-        chunk = x2d[start:start + rows].float()
-        C.addmm_(chunk.t(), chunk)
-
-
 @torch.library.custom_op("loranull::covariance_update", mutates_args=("C",))
-def _covariance_update_op(C: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> None:
-    K = x.shape[-1]
-    x2d = x.reshape(-1, K)  # a view for every contiguous or row-sliced x: the kernel reads it in place
+def _covariance_update_op(C: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], backend: str) -> None:
+    x2d = x.reshape(-1, x.shape[-1])  # a view for every contiguous or row-sliced x: the kernel reads it in place
     mask = token_mask.reshape(-1) if token_mask is not None else None
-    if x2d.shape[0] == 0 or K == 0:
-        return
-    if backend.select(x.device, x.dtype) == "triton":
-        from ..triton import covariance as kernel
-
-        kernel.launch(C, x2d, mask, backend.interpreting())
-    else:
-        _torch_update(C, x2d, mask)
+    IMPLEMENTATIONS[backend].covariance_update(C, x2d, mask)
 
 
 @_covariance_update_op.register_fake
-def _(C, x, token_mask):
+def _(C, x, token_mask, backend):
     return None
 
 
@@ -96,6 +75,9 @@ def covariance_update(C: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor
         ValueError: C not square, ``x.shape[-1] != C.shape[0]``, token_mask shape, or a device mismatch.
     """
     _validate(C, x, token_mask)
+    if x.numel() == 0:  # no token, or K = 0: nothing to add, whichever backend is asked for
+        return C
+    name = backend.select(x.device, x.dtype, among=tuple(IMPLEMENTATIONS))
     with torch.no_grad():
-        _covariance_update_op(C, x.detach(), token_mask)
+        _covariance_update_op(C, x.detach(), token_mask, name)
     return C
