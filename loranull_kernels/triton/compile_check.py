@@ -214,12 +214,12 @@ def covariance_cases():
 
 
 def rose_prune_case(dtype: str, prune: bool, clamp: bool, r: int, n_in: int, n_out: int) -> Case:
-    """RoseLoRA's fused prune kernel as ``ops/rose_prune.py`` launches it (its block, chunk, warp and register rule)
-    on contiguous factors A (r, n_in) and B (n_out, r) of ``dtype`` ("bf16", "fp16", "fp32")."""
+    """RoseLoRA's fused prune kernel as ``ops/rose_prune/triton_backend.py`` launches it (its block, chunk, warp and
+    register rule) on contiguous factors A (r, n_in) and B (n_out, r) of ``dtype`` ("bf16", "fp16", "fp32")."""
     import torch
 
-    from ..ops.rose_prune import _launch_block, _launch_options
-    from .rose_prune import rose_prune_kernel as fn
+    from ..ops.rose_prune.triton_backend import _launch_block, _launch_options
+    from ..ops.rose_prune.triton_kernels import rose_prune_kernel as fn
 
     d = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     (block_a, long_a), (block_b, long_b) = _launch_block(n_in), _launch_block(n_out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loranull_kernels as lk
-from loranull_kernels.ops import rose_prune as rose_ops
+from loranull_kernels.ops.rose_prune import triton_backend as rose_ops
 from loranull_kernels.ops.rose_prune import RoseTensors, rose_prune_
 
 from ..conftest import DEVICE
