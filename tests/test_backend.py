@@ -1,4 +1,6 @@
 """Backend selection and the capability report."""
+import importlib
+
 import pytest
 import torch
 
@@ -46,3 +48,24 @@ def test_report_lists_devices_and_extension(capsys):
 def test_poisoned_outputs_are_nan(monkeypatch):
     monkeypatch.setenv("LORANULL_POISON_OUTPUTS", "1")
     assert torch.isnan(lk.backend.empty(3, 4, dtype=torch.float32, device=torch.device("cpu"))).all()
+
+
+def test_select_among_an_ops_backends(monkeypatch):
+    # rsvd's backends are ("cuda", "torch"): a request for a backend the op lacks counts as auto, one it has but
+    # cannot run here raises and says why.
+    monkeypatch.delenv("LORANULL_BACKEND", raising=False)
+    cpu, rsvd_backends = torch.device("cpu"), ("cuda", "torch")
+    assert set(lk.backend.BACKENDS) == {"triton", "cuda", "torch"}
+    assert lk.backend.select(cpu, torch.float32, among=rsvd_backends) == "torch"
+    with lk.backend.use("triton"):
+        assert lk.backend.select(cpu, torch.float32, among=rsvd_backends) == "torch"
+    with lk.backend.use("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' was requested but .*CUDA tensors"):
+            lk.backend.select(cpu, torch.float32, among=rsvd_backends)
+        assert lk.backend.select(cpu, torch.float64) == "torch"
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "covariance", "rose_prune", "rsvd"])
+def test_every_op_dispatches_among_registered_backends(op):
+    backends = importlib.import_module(f"loranull_kernels.ops.{op}").IMPLEMENTATIONS
+    assert set(backends) <= set(lk.backend.BACKENDS) and list(backends)[-1] == "torch", backends

@@ -5,7 +5,7 @@ import torch
 import loranull_kernels.backend as backend
 from loranull_kernels import _extension, reference
 from loranull_kernels.ops.rsvd import rsvd
-from loranull_kernels.ops.rsvd_torch import rsvd_torch
+from loranull_kernels.ops.rsvd.torch_backend import rsvd as rsvd_torch
 
 
 @pytest.fixture

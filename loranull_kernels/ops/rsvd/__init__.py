@@ -1,16 +1,19 @@
 """``rsvd``: randomized truncated SVD (Halko–Martinsson–Tropp) with an implicit projection, batched.
 
-Validation, the random test matrix and dispatch live here; the CUDA extension (csrc/) runs on CUDA tensors when it
-is available, the PyTorch implementation (``rsvd_torch.py``, the same steps) everywhere else or under
-``backend.use("torch")``. The test matrix is drawn here for both, so a seed gives the same answer on either path up
-to floating-point rounding.
+Validation, the random test matrix and dispatch live here; the backends (:data:`IMPLEMENTATIONS`) are
+``cuda_backend.py``, the CUDA extension (csrc/), on CUDA tensors when it is available, and ``torch_backend.py``
+(the same steps) everywhere else or under ``backend.use("torch")``. The test matrix is drawn here for both, so a
+seed gives the same answer on either path up to floating-point rounding.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _extension, backend
-from .rsvd_torch import rsvd_torch
+from ... import backend
+from . import cuda_backend, torch_backend
+
+# Backend name -> module with rsvd(M, omega, Q, rank, n_iter), most preferred first (backend.select's order).
+IMPLEMENTATIONS = {"cuda": cuda_backend, "torch": torch_backend}
 
 
 def default_oversample(rank: int) -> int:
@@ -61,10 +64,6 @@ def _test_matrix(batch: int, l: int, n: int, device: torch.device, seed: int | N
     return torch.randn(batch, l, n, device=device, dtype=torch.float32, generator=gen)
 
 
-def _use_extension(M: torch.Tensor) -> bool:
-    return M.is_cuda and backend.requested() != "torch" and _extension.available()
-
-
 def rsvd(
     M: torch.Tensor,
     rank: int,
@@ -106,11 +105,9 @@ def rsvd(
         if Q.shape[-1] == 0:
             Q = None
     omega = _test_matrix(B, l, n, M.device, seed)
+    name = backend.select(M3.device, M3.dtype, among=tuple(IMPLEMENTATIONS))
     with torch.no_grad():
-        if _use_extension(M3):
-            U, S, Vh = _extension.load().rsvd(M3, omega, Q, rank, n_iter)
-        else:
-            U, S, Vh = rsvd_torch(M3, omega, Q, rank, n_iter)
+        U, S, Vh = IMPLEMENTATIONS[name].rsvd(M3, omega, Q, rank, n_iter)
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U, S, Vh

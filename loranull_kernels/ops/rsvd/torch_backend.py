@@ -1,4 +1,5 @@
-"""The PyTorch implementation of the randomized SVD; the CUDA extension (csrc/rsvd_cuda.cu) runs the same steps.
+"""The PyTorch backend of ``rsvd`` (the reference of the contract); the CUDA backend (csrc/rsvd_cuda.cu) runs the
+same steps.
 
 Halko, Martinsson & Tropp (2011), Algorithms 4.4 (randomized subspace iteration) and 5.1, on the operator
 ``A = M P`` with ``P = I − QQᵀ`` applied as ``X ↦ X − Q(QᵀX)``: ``M P`` is never formed.
@@ -19,8 +20,8 @@ def _orth(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(X, mode="reduced").Q
 
 
-def rsvd_torch(M: torch.Tensor, omega: torch.Tensor, Q: torch.Tensor | None, rank: int, n_iter: int):
-    """Randomized SVD of ``M (I − QQᵀ)`` from a given Gaussian test matrix.
+def rsvd(M: torch.Tensor, omega: torch.Tensor, Q: torch.Tensor | None, rank: int, n_iter: int):
+    """Randomized SVD of ``M (I − QQᵀ)`` from a given Gaussian test matrix: every backend's contract.
 
     Args:
         M: (B, m, n) float32. omega: (B, l, n) float32, the transposed test matrix (the layout the CUDA extension
