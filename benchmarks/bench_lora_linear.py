@@ -1,5 +1,9 @@
-"""LoRA linear microbenchmark (same as the `loranull-bench` console command). See loranull_kernels/bench/lora_linear.py."""
-from loranull_kernels.bench.lora_linear import main
+"""LoRA linear microbenchmark: the ``loranull-bench`` console command, from a checkout. See
+loranull_kernels/bench/lora_linear.py.
+
+    python benchmarks/bench_lora_linear.py [--quick] [--out-dir DIR]
+"""
+from loranull_kernels.bench.lora_linear import cli
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -65,3 +65,21 @@ def test_plot_writes_a_png(tmp_path):
     harness.plot(rows, x="x", y="ms", group="who", path=out, logy=True)
     harness.plot(rows, x="x", y="ms", group="who", path=tmp_path / "bar.png", kind="bar")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "bar.png").stat().st_size > 1000
+
+
+def test_environment_records_the_commit_of_the_checkout_it_runs_from():
+    # git is asked from the package's own folder, not from the caller's working directory or a fixed parent.
+    import subprocess
+    from pathlib import Path
+
+    root = Path(harness.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert harness.environment("cpu")["commit"] == "unknown"
+    else:
+        assert harness.environment("cpu")["commit"] == head.stdout.strip()
+
+
+def test_markdown_table_has_a_header_a_rule_and_one_line_per_row():
+    table = harness.markdown_table(["a", "b"], [[1, "x"], ["", 2.5]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "|  | 2.5 |"]

@@ -1,4 +1,11 @@
-"""Benchmarks: the shared harness (``harness``: timing, environment, CSV, plots) and one module per benchmark.
+"""The benchmarks a user runs as tools, and their harness.
 
-Run them as ``python -m loranull_kernels.bench.<name>`` or through the thin scripts in ``benchmarks/``.
+- ``lora_linear``: the microbenchmark against vanilla LoRA (``loranull-bench``; ``roofline``: its GPU prediction);
+- ``forgetting_report`` (``loranull-forgetting``) over ``forgetting``, ``pretrain``, ``world``, ``qa`` and
+  ``arithmetic``: the forgetting evaluation;
+- ``harness``: timing, environment, CSV, plots; results go to ``--out-dir`` (default ``$LORANULL_RESULTS`` or
+  ``~/.cache/loranull_kernels/results``).
+
+The developer benchmarks (calibration kernels, whole-model calibration, null-space solvers) are scripts in the
+repository's ``benchmarks/`` folder, beside ``tests/``.
 """

@@ -7,7 +7,8 @@
   docs/performance.md); :func:`ratio_spread` turns the rounds into the spread of a ratio.
 - :func:`write_csv`, :func:`plot`, :func:`results_path`: ``{out_dir}/{name}_{device_slug}.{csv,png}``, where
   ``out_dir`` defaults to :func:`default_out_dir` (outside any source tree); the committed results under
-  ``benchmarks/results/`` are only rewritten when a command is given that directory explicitly.
+  ``benchmarks/results/`` are only rewritten when a command is given that directory explicitly;
+  :func:`markdown_table` for the tables the commands print.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from typing import Callable
 
 import torch
 
-# The checkout this module runs from, if any: only used to record the git commit of a result.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where git starts looking for the checkout this module runs from (it searches upwards itself; an installed copy
+# outside any checkout has none): only used to record the git commit of a result.
+_SOURCE_DIR = Path(__file__).resolve().parent
 
 
 def cache_dir() -> Path:
@@ -74,7 +76,7 @@ def device_slug(device=None) -> str:
 @functools.lru_cache(maxsize=None)
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=_SOURCE_DIR, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -257,6 +259,13 @@ def save_figure(fig, path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def markdown_table(header: list[str], cells) -> str:
+    """A Markdown table: ``header`` holds the column titles, ``cells`` one list of already formatted values per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines)
 
 
 def _isnan(v) -> bool:

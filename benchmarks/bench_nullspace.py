@@ -1,6 +1,7 @@
 """Null-space solver benchmark (issue 14): ``smallest_eigenvectors`` by eigh vs by randomized subspace iteration.
 
-1. ``leak`` (timed in ``--rounds`` alternating rounds: a ratio per round, median and spread): a float32-accumulated covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales
+1. ``leak`` (timed in ``--rounds`` alternating rounds: a ratio per round, median and spread): a float32-accumulated
+   covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales
    ``i^-1`` under a random rotation: eigenvalues from 1 down to 1/n²); the k smallest
    eigenvectors by both methods, timed side by side in one process (the machine's load hits both alike), and the
    held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
@@ -9,8 +10,10 @@
 3. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
    the principal angles between the two subspaces.
 
-Run ``python -m loranull_kernels.bench.nullspace [--sizes 2048:16 4096:128] [--milora 4096x1024:16]``; writes
-``nullspace_{device}.csv`` (``--out-dir benchmarks/results`` for the committed copy) and prints a Markdown table.
+Run ``python benchmarks/bench_nullspace.py [--sizes 2048:16 4096:128] [--milora 4096x1024:16]`` from a checkout
+(the package installed); writes ``nullspace_{device}.csv`` to ``--out-dir`` (default: ``$LORANULL_RESULTS`` or
+``~/.cache/loranull_kernels/results``; ``--out-dir benchmarks/results`` for the committed copy) and prints a
+Markdown table.
 """
 from __future__ import annotations
 
@@ -20,9 +23,14 @@ import time
 
 import torch
 
-from .. import nullspace
-from ..ops.covariance import covariance_update
-from . import harness
+from loranull_kernels import nullspace
+from loranull_kernels.bench import harness
+from loranull_kernels.ops.covariance import covariance_update
+
+if __package__:  # imported as benchmarks.bench_nullspace
+    from .bench_calibration_model import llama, token_batches
+else:  # run as python benchmarks/bench_nullspace.py: this folder is sys.path[0]
+    from bench_calibration_model import llama, token_batches
 
 
 def heavy_tailed_activations(n: int, tokens: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +87,6 @@ def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: 
     """Held-out leak of eigh's and the randomized solver's null spaces on a Llama-shaped block's activations
     (random weights and tokens: model activations, not a trained model's): the attention input (n = hidden) and
     down_proj's input (n = inter), calibrated on ``tokens`` tokens and measured on as many others."""
-    from .calibration_model import llama, token_batches
-
     model = llama(hidden, inter, 1, heads=max(1, hidden // 128), seed=seed)
     block = model.model.layers[0]
     mods = {"attn_in": block.self_attn.q_proj, "down_proj_in": block.mlp.down_proj}
@@ -135,18 +141,18 @@ def bench_milora(out_f: int, in_f: int, r: int, device, seed: int = 0) -> list[d
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| bench | n | k | method | median s | × eigh: median (min–max over rounds) | leak | leak / eigh's | "
-             "random leak | angles (max / median °) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        angles = f"{r['max_angle_deg']:.2f} / {r['median_angle_deg']:.2f}" if "max_angle_deg" in r else ""
-        leak = f"{r['leak']:.3e}" if "leak" in r else ""
-        ratio = f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else ""
-        rnd = f"{r['random_leak']:.2e}" if "random_leak" in r else ""
+    """The rows of every part as one Markdown table (a part's own columns blank in the others' rows)."""
+    def cells(r: dict) -> list:
         spread = f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if r.get("speedup_min", 1.0) != 1.0 else ""
-        lines.append(f"| {r['bench']} | {r.get('shape', r['n'])} | {r['k']} | {r['method']} | {r['seconds']:.2f} | "
-                     f"{r['speedup_vs_eigh']:.1f}{spread} | {leak} | {ratio} | {rnd} | {angles} |")
-    return "\n".join(lines)
+        return [r["bench"], r.get("shape", r["n"]), r["k"], r["method"], f"{r['seconds']:.2f}",
+                f"{r['speedup_vs_eigh']:.1f}{spread}", f"{r['leak']:.3e}" if "leak" in r else "",
+                f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else "",
+                f"{r['random_leak']:.2e}" if "random_leak" in r else "",
+                f"{r['max_angle_deg']:.2f} / {r['median_angle_deg']:.2f}" if "max_angle_deg" in r else ""]
+
+    return harness.markdown_table(["bench", "n", "k", "method", "median s", "× eigh: median (min–max over rounds)",
+                                   "leak", "leak / eigh's", "random leak", "angles (max / median °)"],
+                                  (cells(r) for r in rows))
 
 
 def _pair(text: str, sep: str) -> tuple[int, ...]:

@@ -13,8 +13,9 @@
 3. ``projection``: per-block seconds and bytes from (1), scaled to 7B / 8B / 70B configurations: covariance time
    linear in tokens, solve time by n³ for sizes not measured (70B's 8192 and 28672), covariance memory exact.
 
-Run ``python -m loranull_kernels.bench.calibration_model [--only layers memory] [--out-dir benchmarks/results]``.
-Writes ``calibration_model_{device}.csv`` and ``.png`` and prints Markdown tables.
+Run ``python benchmarks/bench_calibration_model.py [--only layers memory] [--out-dir benchmarks/results]`` from a
+checkout (the package installed). Writes ``calibration_model_{device}.csv`` and ``.png`` to ``--out-dir`` (default:
+``$LORANULL_RESULTS`` or ``~/.cache/loranull_kernels/results``) and prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from . import harness
+from loranull_kernels.bench import harness
 
 CONFIGS = {  # name: hidden, intermediate, blocks
     "Llama-2-7B": (4096, 11008, 32),
@@ -64,10 +65,10 @@ def _timed(fn):
 # ---- 1. layers ---------------------------------------------------------------------------------------------------
 
 def bench_layers(hidden: int, inter: int, tokens: int, r: int) -> list[dict]:
-    from .. import nullspace
-    from ..config import AdapterConfig
-    from ..covariance import CovarianceAccumulator
-    from ..methods import lora_null
+    from loranull_kernels import nullspace
+    from loranull_kernels.config import AdapterConfig
+    from loranull_kernels.covariance_accumulator import CovarianceAccumulator
+    from loranull_kernels.methods import lora_null
 
     warm = torch.eye(300) + 0.01  # first-call overheads (thread pools, LAPACK init) out of the timings
     for method in ("randomized", "eigh"):
@@ -133,8 +134,8 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
     """In a fresh process: the peak RSS that ``lk.inject`` adds (VmHWM reset through /proc/self/clear_refs)."""
     import gc
 
-    from ..config import AdapterConfig
-    from ..inject import inject
+    from loranull_kernels.config import AdapterConfig
+    from loranull_kernels.inject import inject
 
     model = llama(hidden, inter, blocks, heads=hidden // 128)
     data = token_batches(8, 2, 256, seed=1)
@@ -164,8 +165,7 @@ def bench_memory(blocks_list, hidden: int, inter: int, r: int) -> list[dict]:
     for allocator, env in ALLOCATORS.items():
         for blocks in blocks_list:
             for mode in ("sequential", "one_pass"):
-                cmd = [sys.executable, "-m", "loranull_kernels.bench.calibration_model", "--memory-child", mode,
-                       str(blocks), str(hidden), str(inter), str(r)]
+                cmd = [sys.executable, __file__, "--memory-child", mode, str(blocks), str(hidden), str(inter), str(r)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
                 row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": allocator}
                 print(f"  {allocator}: {mode} {blocks} blocks: +{row['peak_added_mib']:.0f} MiB peak, "
@@ -221,34 +221,33 @@ def project(rows: list[dict], tokens: int) -> list[dict]:
 # ---- report ------------------------------------------------------------------------------------------------------
 
 def markdown(rows: list[dict]) -> str:
-    parts = []
+    """One Markdown table per part that ran (layers, memory, projection), separated by blank lines."""
+    tables = []
     lay = [r for r in rows if r["bench"] == "layers"]
     if lay:
-        parts.append("| hidden / inter | item | n | tokens | covariance s | solve s (solver) | init s |\n"
-                     "|---|---|---|---|---|---|---|")
-        for r in lay:
-            solve = f"{r['solve_s']:.2f} ({r['solver']})" if r["solver"] else ""
-            cov = f"{r['covariance_s']:.2f}" if r["tokens"] else ""
-            init = f"{r['init_s']:.2f}" if r["init_s"] else ""
-            parts.append(f"| {r['hidden']} / {r['inter']} | {r['item']} | {r['n']} | {r['tokens'] or ''} | {cov} | "
-                         f"{solve} | {init} |")
+        tables.append(harness.markdown_table(
+            ["hidden / inter", "item", "n", "tokens", "covariance s", "solve s (solver)", "init s"],
+            ([f"{r['hidden']} / {r['inter']}", r["item"], r["n"], r["tokens"] or "",
+              f"{r['covariance_s']:.2f}" if r["tokens"] else "",
+              f"{r['solve_s']:.2f} ({r['solver']})" if r["solver"] else "",
+              f"{r['init_s']:.2f}" if r["init_s"] else ""] for r in lay)))
     mem = [r for r in rows if r["bench"] == "memory"]
     if mem:
-        parts.append("\n| allocator | mode | blocks | peak RSS added by inject (MiB) | × 2 blocks' | seconds |\n"
-                     "|---|---|---|---|---|---|")
-        for r in sorted(mem, key=lambda r: (r["allocator"], r["mode"], r["blocks"])):
-            parts.append(f"| {r['allocator']} | {r['mode']} | {r['blocks']} | {r['peak_added_mib']:.0f} | "
-                         f"{r['growth_vs_fewest_blocks']:.2f} | {r['seconds']:.1f} |")
+        tables.append(harness.markdown_table(
+            ["allocator", "mode", "blocks", "peak RSS added by inject (MiB)", "× 2 blocks'", "seconds"],
+            ([r["allocator"], r["mode"], r["blocks"], f"{r['peak_added_mib']:.0f}",
+              f"{r['growth_vs_fewest_blocks']:.2f}", f"{r['seconds']:.1f}"]
+             for r in sorted(mem, key=lambda r: (r["allocator"], r["mode"], r["blocks"])))))
     proj = [r for r in rows if r["bench"] == "projection"]
     if proj:
-        parts.append("\n| config | blocks | s / block | model (h) | one-pass covariances (GiB) | sequential: covariances "
-                     "+ solver (GiB) | hidden states, bf16 (GiB) |\n|---|---|---|---|---|---|---|")
-        for r in proj:
-            star = "" if r["solve_measured"] else " *"
-            parts.append(f"| {r['config']} | {r['blocks']} | {r['block_s']:.0f}{star} | {r['model_h']:.2f}{star} | "
-                         f"{r['one_pass_cov_gib']:.1f} | {r['sequential_cov_gib']:.2f} | "
-                         f"{r['hidden_states_bf16_gib']:.2f} |")
-    return "\n".join(parts)
+        star = lambda r: "" if r["solve_measured"] else " *"  # noqa: E731
+        tables.append(harness.markdown_table(
+            ["config", "blocks", "s / block", "model (h)", "one-pass covariances (GiB)",
+             "sequential: covariances + solver (GiB)", "hidden states, bf16 (GiB)"],
+            ([r["config"], r["blocks"], f"{r['block_s']:.0f}{star(r)}", f"{r['model_h']:.2f}{star(r)}",
+              f"{r['one_pass_cov_gib']:.1f}", f"{r['sequential_cov_gib']:.2f}", f"{r['hidden_states_bf16_gib']:.2f}"]
+             for r in proj)))
+    return "\n\n".join(tables)
 
 
 def plot(rows: list[dict], path) -> None:
