@@ -25,7 +25,7 @@ _METHODS = ("auto", "eigh", "randomized")
 # on a heavy-tailed n = 512 covariance, eigh took 6.7 s and the randomized solver 0.36 s.
 AUTO_EIGH_BELOW = 1024
 DEFAULT_OVERSAMPLE = 16
-DEFAULT_N_ITER = 4
+DEFAULT_N_ITER = 2  # n = 4096, k = 128, heavy-tailed: leak 1.014x eigh's at 2, 1.005x at 3, 1.07x at 1
 MINOR_N_ITER = 16  # minor_singular_components: see its docstring
 # The ridge added before the Cholesky factorisation, relative to tr(C)/n. A float32-accumulated covariance is only
 # known to ~1e-7 of its largest entries: below that floor it can be indefinite and its eigenvectors are noise
@@ -84,9 +84,9 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     - ``"eigh"``: a full eigendecomposition (:func:`eigh_ascending`) in ``dtype``; exact, O(n³) with a large constant.
     - ``"randomized"``: subspace iteration on ``C⁻¹`` (:func:`randomized_smallest`): one Cholesky factorisation of
       ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed; float32 when that is enough, else float64),
-      ``n_iter`` pairs of triangular solves on ``k + oversample`` columns, then Rayleigh–Ritz on C itself in
-      float64. At n = 4096, k = 128 on the project's 2-core CPU: 4–10× faster than eigh depending on the
-      machine's load, with the same held-out leak (benchmarks/results/nullspace_*.csv).
+      ``n_iter`` pairs of triangular solves on ``k + oversample`` columns, then Rayleigh–Ritz on ``(C + δI)⁻¹``
+      in float64. Speed and held-out leak against eigh: benchmarks/results/nullspace_*.csv and
+      docs/performance.md.
     - ``"auto"``: :func:`pick_method`.
 
     Args:
@@ -129,7 +129,11 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     Why a ridge: C is factored as ``C + δI`` with δ = ``ridge`` · tr(C)/n (multiplied by ten up to six times while
     the factorisation fails): a float32-accumulated covariance is indefinite below its rounding floor. The shift
     changes no eigenvector, only how fast directions below δ separate from each other, and those are below C's
-    float32 rounding floor anyway. The Ritz values come from C itself, unshifted, in float64.
+    float32 rounding floor anyway.
+
+    Rayleigh–Ritz at the end is on ``(C + δI)⁻¹`` in the last subspace (one more triangular solve, no n × n product):
+    the Ritz vectors are those of largest ``θ``, and the values ``1/θ − δ``, in float64; as the subspace converges
+    they are C's smallest eigenpairs, resolved relative to themselves rather than to ``‖C‖``.
 
     Precision (``precision``): ``"auto"`` factors and solves in float32 when the float32 Cholesky of ``C + δI``
     succeeds at the first ridge, else in float64 (the wanted eigenvalues are the smallest, and a float32
@@ -137,8 +141,8 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     force one. On the held-out leak of a heavy-tailed n = 4096 covariance both precisions match eigh's
     (benchmarks/results/nullspace_*.csv); float32 halves the time on a CPU, and more on GPUs.
 
-    Cost: one Cholesky (n³/3) plus ``2 · n_iter`` triangular solves with ``l = k + oversample`` columns
-    (``2 n² l`` each): batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK). Memory: C's
+    Cost: one Cholesky (n³/3) plus ``2 · n_iter + 1`` triangular solves with ``l = k + oversample`` columns
+    (``n² l`` each): batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK). Memory: C's
     working copy and its factor (two n × n matrices of the working dtype).
 
     Args:
@@ -168,32 +172,44 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     scale = torch.diagonal(A, dim1=-2, dim2=-1).double().mean(-1)  # tr(C)/n, (B,)
     if not bool((scale > 0).all()):
         raise ValueError("tr(C) must be positive (an empty or all-zero calibration set?)")
-    L = _ridged_cholesky(A, ridge * scale, retries=0 if precision == "auto" and first == torch.float32 else None)
+    L, shift = _ridged_cholesky(A, ridge * scale, retries=0 if precision == "auto" and first == torch.float32 else None)
     if L is None:  # float32 was not enough
         A = A.to(torch.float64)
-        L = _ridged_cholesky(A, ridge * scale)
+        L, shift = _ridged_cholesky(A, ridge * scale)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=A.device).manual_seed(int(seed))
     X = torch.randn(A.shape[0], n, l, dtype=torch.float64, device=A.device, generator=gen)
     Q = torch.linalg.qr(X.to(L.dtype)).Q
     for _ in range(n_iter):
-        Q = torch.linalg.qr(torch.cholesky_solve(Q, L)).Q
+        Q = torch.linalg.qr(_inverse_times(L, Q)).Q
+    del A
+    # Rayleigh–Ritz on (C + δI)⁻¹ rather than on C: with W = L⁻¹Q, Qᵀ(C + δI)⁻¹Q = WᵀW costs one triangular solve
+    # (no n × n product), and it resolves the smallest eigenvalues of C as the largest of the inverse, i.e.
+    # relative to themselves, not to ‖C‖ (a float32 product with C would lose them below eps · ‖C‖).
+    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision: the returned basis
+    W = torch.linalg.solve_triangular(L, Q.to(L.dtype), upper=False).double()
     del L
-    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision for the Ritz step
-    # Rayleigh–Ritz on C in float64, a slab of rows at a time (no n × n float64 copy of a float32 C)
-    CQ = torch.cat([A[:, i:i + 2048].double() @ Q for i in range(0, n, 2048)], dim=1)
-    T = Q.transpose(-1, -2) @ CQ  # (B, l, l)
-    values, V = torch.linalg.eigh(0.5 * (T + T.transpose(-1, -2)))
-    values, vectors = values[..., :k], Q @ V[..., :k]
+    theta, V = torch.linalg.eigh(W.transpose(-1, -2) @ W)  # ascending θ: the last ones are C's smallest
+    theta, V = theta[..., -k:].flip(-1), V[..., -k:].flip(-1)
+    values = 1.0 / theta - shift[:, None]
+    vectors = Q @ V
     return (values, vectors) if batched else (values[0], vectors[0])
 
 
-def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor, retries: int | None = None) -> torch.Tensor | None:
-    """Lower Cholesky factors of ``A + δ_b I`` (A (B, n, n), δ (B,) float64), each δ raised tenfold until it
-    factors (at most ``retries`` times, default :data:`_RIDGE_RETRIES`). A is shifted in place and restored (up to
-    the rounding of adding and subtracting δ). Returns None when ``retries`` was given and ran out; raises
-    ValueError when the default ran out."""
+def _inverse_times(L: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ Y`` by two triangular solves: as exact as ``torch.cholesky_solve`` and, measured on the project's
+    CPU (MKL, n = 4096, 144 columns), a third faster."""
+    return torch.linalg.solve_triangular(L.transpose(-1, -2), torch.linalg.solve_triangular(L, Y, upper=False),
+                                         upper=True)
+
+
+def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor,
+                     retries: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(L, δ)``: lower Cholesky factors of ``A + δ_b I`` (A (B, n, n), δ (B,) float64) and the δ used, each δ
+    raised tenfold until it factors (at most ``retries`` times, default :data:`_RIDGE_RETRIES`). A is shifted in
+    place and restored (up to the rounding of adding and subtracting δ). L is None when ``retries`` was given and
+    ran out; raises ValueError when the default ran out."""
     diag = torch.diagonal(A, dim1=-2, dim2=-1)  # shifted in place and restored: no n × n temporaries
     delta = delta.clone()
     for _ in range((_RIDGE_RETRIES if retries is None else retries) + 1):
@@ -205,11 +221,11 @@ def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor, retries: int | None =
             diag.sub_(shift)
         failed = info != 0
         if not bool(failed.any()):
-            return L
+            return L, delta
         del L
         delta = torch.where(failed, delta * 10, delta)
     if retries is not None:
-        return None
+        return None, delta
     raise ValueError(f"C is not positive semi-definite to within a ridge of {delta.max().item():.3g} "
                      "(tr(C)/n · 1e-6 · 10^6): is it a covariance?")
 
