@@ -45,7 +45,7 @@ from .config import AdapterConfig
 from .methods import REGULARIZERS, SPARSITY
 from .nn import LoRALinear
 from .base_weight import base_weight
-from .targets import is_linear_like, linear_shape
+from .targets import check_materialized, is_linear_like, linear_shape
 
 FORMAT = "loranull_kernels.adapter"
 FORMAT_VERSION = 1
@@ -379,6 +379,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              f"({info['in_features']} → {info['out_features']}): another base model")
         if cfg.r > min(shape):  # the layer constructor would refuse it after earlier layers were replaced
             raise ValueError(f"load_adapter: the file's r={cfg.r} exceeds min(in, out) = {min(shape)} of {name!r}")
+        check_materialized([(name, module)], "load_adapter")
         W = base_weight(module).dense()
         _check_fingerprint(name, W.to(compute_dtype(W.dtype)), tensors[f"{name}.base_fingerprint"], W.dtype,
                            info["base_dtype"])

@@ -11,7 +11,7 @@ from ._dtypes import compute_dtype
 from .config import AdapterConfig
 from .methods import get_method
 from .nn import LoRALinear
-from .targets import as_linear, find_targets, is_conv1d, linear_shape
+from .targets import as_linear, check_materialized, find_targets, is_conv1d, linear_shape
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -161,6 +161,7 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
     check_options(calibration_mode, offload)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config)
+    check_materialized(targets, "inject")
     generators: dict[torch.device, torch.Generator] = {}
 
     def make_layer(name: str, linear: nn.Linear) -> LoRALinear:

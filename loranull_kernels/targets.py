@@ -160,3 +160,16 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
         raise ValueError(f"no module matched target_modules={target_modules!r} (exclude_modules={exclude}); "
                          f"{candidate_summary(model)}")
     return matched
+
+
+def check_materialized(targets: Iterable[tuple[str, nn.Module]], what: str) -> None:
+    """Refuse targets whose weight has no data (the ``meta`` device): accelerate's CPU / disk offload
+    (``device_map`` entries ``"cpu"`` / ``"disk"`` beside GPUs, ``cpu_offload``) keeps weights there and loads them
+    only inside the module's forward, but an adapter is built from the weight itself."""
+    offloaded = [n for n, m in targets if base_weight(m) is not None and base_weight(m).dense().device.type == "meta"]
+    if offloaded:
+        more = f" (and {len(offloaded) - 1} more)" if len(offloaded) > 1 else ""
+        raise ValueError(f"{what}: the weight of {offloaded[0]!r}{more} is on the meta device (offloaded by "
+                         "accelerate: a device_map with 'cpu' / 'disk' entries, or cpu_offload); adapters are built "
+                         "from the weights: load the model with its targeted layers in memory (a device_map over "
+                         "GPUs and the CPU without offload), or exclude those layers")

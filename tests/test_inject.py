@@ -224,3 +224,14 @@ def test_null_dim_above_a_layers_in_features_is_refused_before_calibration_namin
         inject(model, cfg, calibration_data=Batches())
     assert not calls  # refused before calibration
     assert {n: type(m) for n, m in model.named_modules()} == before  # and before any layer was replaced
+
+
+def test_offloaded_weights_are_refused_naming_the_layer_before_anything_changes():
+    """accelerate's offload keeps weights on the meta device until the module's forward: an adapter cannot be
+    built from them, and the error says so instead of 'Cannot copy out of meta tensor' halfway through."""
+    accelerate = pytest.importorskip("accelerate")
+    model = accelerate.cpu_offload(tiny_model("llama"), execution_device="cpu")
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    with pytest.raises(ValueError, match=r"inject: the weight of 'model\.layers\.0\.self_attn\.q_proj'.*meta device"):
+        inject(model, lk.AdapterConfig(target_modules=["q_proj"]))
+    assert not any(isinstance(m, lk.LoRALinear) for m in model.modules())
