@@ -125,18 +125,19 @@ class AdapterConfig:
     @property
     def effective_regularizer(self) -> str | None:
         """The regulariser in force: ``regularizer``, or the method's own when it is ``"auto"``."""
-        if self.regularizer == "auto":
-            own = get_method(self.method).regularizer
-            return None if own is None else own.name
-        return self.regularizer
+        return self._piece_in_force("regularizer")
 
     @property
     def effective_sparsity(self) -> str | None:
         """The sparsity schedule in force: ``sparsity``, or the method's own when it is ``"auto"``."""
-        if self.sparsity == "auto":
-            own = get_method(self.method).sparsity
-            return None if own is None else own.name
-        return self.sparsity
+        return self._piece_in_force("sparsity")
+
+    def _piece_in_force(self, kind: str) -> str | None:
+        chosen = getattr(self, kind)
+        if chosen != "auto":
+            return chosen
+        own = getattr(get_method(self.method), kind)
+        return None if own is None else own.name
 
     @property
     def needs_calibration(self) -> bool:
