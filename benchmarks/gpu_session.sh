@@ -71,9 +71,11 @@ step() {
   echo "$name,$status,$dt" >> "$SUMMARY"
 }
 
-# Parse-only check of a benchmark's command line: its own argparse parser sees the exact GPU arguments, then the
-# run stops before any work (a renamed or removed flag fails here, on the CPU).
+# Parse-only check of a benchmark's command line (a module name, or a script's path): its own argparse parser sees
+# the exact GPU arguments, then the run stops before any work (a renamed or removed flag fails here, on the CPU).
 parse_only() {
+  local run="runpy.run_module('$1', run_name='__main__')"
+  [[ $1 == *.py ]] && run="runpy.run_path('$1', run_name='__main__')"
   echo "import argparse, runpy, sys
 def parse(self, args=None, namespace=None):
     ns = argparse.ArgumentParser.parse_known_args(self, args, namespace)
@@ -83,7 +85,7 @@ def parse(self, args=None, namespace=None):
     raise SystemExit(0)
 argparse.ArgumentParser.parse_args = parse
 sys.argv = ['$1'] + sys.argv[1:]
-runpy.run_module('$1', run_name='__main__')" > "$OUT/.parse_only.py"
+$run" > "$OUT/.parse_only.py"
   echo "$PY $OUT/.parse_only.py"
 }
 
@@ -106,11 +108,11 @@ step gpu_tests 150 \
   "$PY -m pytest -q -x -m gpu tests && $PY -m pytest -q -x $GPU_TESTS" \
   "$PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
 step bench_calibration 120 \
-  "$PY -m loranull_kernels.bench.calibration --quick --out-dir $OUT" \
-  "$(parse_only loranull_kernels.bench.calibration) --quick --out-dir $OUT"
+  "$PY benchmarks/bench_calibration.py --quick --out-dir $OUT" \
+  "$(parse_only benchmarks/bench_calibration.py) --quick --out-dir $OUT"
 step bench_nullspace 90 \
-  "$PY -m loranull_kernels.bench.calibration_model --only layers --out-dir $OUT" \
-  "$(parse_only loranull_kernels.bench.calibration_model) --only layers --out-dir $OUT"
+  "$PY benchmarks/bench_calibration_model.py --only layers --out-dir $OUT" \
+  "$(parse_only benchmarks/bench_calibration_model.py) --only layers --out-dir $OUT"
 rm -f "$OUT/.parse_only.py"
 
 # The short table, last: every step's outcome, then the roofline's prediction for this device at the reference
