@@ -1,7 +1,8 @@
 """The method registry: one module per method, each declaring a :class:`~.base.Method` as ``METHOD`` (initialiser,
 pieces, config fields and checks). Everything else (``AdapterConfig`` validation, the regulariser and sparsity
-drivers, ``inject``) reads the tables below; nothing else names a method. To add one: write its module and add it to
-``MODULES``."""
+drivers, ``inject``, adapter files) reads the tables below; nothing else names a method. To add one: write its
+module and add it to ``MODULES`` (or, from user code, :func:`register` its ``Method``). docs/methods.md#adding-a-method
+"""
 from __future__ import annotations
 
 from . import kasa, lalora, lora, lora_null, milora, pissa, roselora
@@ -9,29 +10,50 @@ from .base import AdapterInit, Method, Option, Regularizer, SparsitySchedule
 
 MODULES = (lora, pissa, milora, lora_null, kasa, roselora, lalora)
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in MODULES}
-REGULARIZERS: dict[str, Regularizer] = {m.regularizer.name: m.regularizer for m in METHODS.values()
-                                        if m.regularizer is not None}
-SPARSITY: dict[str, SparsitySchedule] = {m.sparsity.name: m.sparsity for m in METHODS.values()
-                                         if m.sparsity is not None}
-OPTIONS: dict[str, Option] = {o.name: o for m in METHODS.values() for o in m.options}
+METHODS: dict[str, Method] = {}
+REGULARIZERS: dict[str, Regularizer] = {}
+SPARSITY: dict[str, SparsitySchedule] = {}
+OPTIONS: dict[str, Option] = {}
 
 
-def _check_registry() -> None:
-    """Names must not collide: two methods declaring different options, regularisers or schedules under one name
-    would silently shadow each other (one piece shared by two methods is fine)."""
-    declared: dict[tuple[str, str], set[int]] = {}
-    for m in METHODS.values():
-        for kind, items in (("option", m.options), ("regularizer", [m.regularizer] if m.regularizer else []),
-                            ("sparsity schedule", [m.sparsity] if m.sparsity else [])):
-            for item in items:
-                declared.setdefault((kind, item.name), set()).add(id(item))
-    clashes = sorted(f"{kind} {name!r}" for (kind, name), ids in declared.items() if len(ids) > 1)
-    if clashes:
-        raise RuntimeError(f"loranull_kernels.methods: {', '.join(clashes)} declared twice, differently")
+def _claims(method: Method):
+    yield from ((OPTIONS, o) for o in method.options)
+    if method.regularizer is not None:
+        yield REGULARIZERS, method.regularizer
+    if method.sparsity is not None:
+        yield SPARSITY, method.sparsity
 
 
-_check_registry()
+def register(method: Method) -> Method:
+    """Add ``method`` (and the pieces and config fields it declares) to the registry.
+
+    Raises:
+        ValueError: its name is taken, or it declares an option, regulariser or schedule under a name another
+            method declared differently (one piece object shared by two methods is fine). Nothing is added then.
+    """
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    for table, item in _claims(method):
+        if table.get(item.name, item) is not item:
+            raise ValueError(f"method {method.name!r} declares {item.name!r}, which another method declares "
+                             "differently")
+    METHODS[method.name] = method
+    for table, item in _claims(method):
+        table[item.name] = item
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove the method ``name`` and whatever it declared that no remaining method declares too."""
+    method = METHODS.pop(name)
+    kept = {id(item) for m in METHODS.values() for _, item in _claims(m)}
+    for table, item in _claims(method):
+        if id(item) not in kept:
+            table.pop(item.name, None)
+
+
+for _module in MODULES:
+    register(_module.METHOD)
 
 
 def get_method(name: str) -> Method:
@@ -42,5 +64,5 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
 
 
-__all__ = ["AdapterInit", "Method", "Option", "Regularizer", "SparsitySchedule", "get_method", "METHODS",
-           "REGULARIZERS", "SPARSITY", "OPTIONS", "MODULES"]
+__all__ = ["AdapterInit", "Method", "Option", "Regularizer", "SparsitySchedule", "get_method", "register",
+           "unregister", "METHODS", "REGULARIZERS", "SPARSITY", "OPTIONS", "MODULES"]
