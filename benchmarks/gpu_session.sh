@@ -90,7 +90,7 @@ $run" > "$OUT/.parse_only.py"
 }
 
 REF_BENCH="--M 8192 --K 4096 --N 4096 --r 16 --dropout 0 0.1 --name reference --out-dir $OUT"
-GPU_TESTS="tests/ops/test_lora_linear.py tests/ops/test_strides_triton.py tests/ops/test_covariance.py tests/ops/test_rsvd.py tests/methods/test_roselora.py tests/test_extension.py"
+GPU_TESTS="tests/ops/test_lora_linear.py tests/ops/test_strides_triton.py tests/ops/test_covariance.py tests/ops/test_rsvd.py tests/ops/test_null_space.py tests/methods/test_roselora.py tests/test_extension.py"
 
 step install 240 \
   "$PY -m pip install --no-build-isolation --no-deps -e ." \

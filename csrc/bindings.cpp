@@ -6,13 +6,24 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "nullspace.h"
 #include "rsvd.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "loranull_kernels CUDA extension: batched randomized SVD with an implicit projection";
+  m.doc() =
+      "loranull_kernels CUDA extension: batched randomized SVD with an implicit projection; batched randomized "
+      "null-space solver (ridged Cholesky, subspace iteration on the inverse, Rayleigh-Ritz)";
   m.def("rsvd", &loranull::rsvd_cuda,
         "rsvd(M (B,m,n) f32, omega (B,l,n) f32, project_out (1|B,n,k) f32 or None, rank, n_iter) -> "
         "(U (B,m,rank), S (B,rank), Vh (B,rank,n)): randomized SVD of M (I - Q Q^T), Halko-Martinsson-Tropp",
         pybind11::arg("M"), pybind11::arg("omega"), pybind11::arg("project_out"), pybind11::arg("rank"),
         pybind11::arg("n_iter"));
+  m.def("nullspace_cholesky", &loranull::nullspace_cholesky_cuda,
+        "nullspace_cholesky(A (B,n,n) f32|f64, delta (B,) f64, retries) -> (L (B,n,n), delta (B,), ok): lower "
+        "Cholesky factors of A_b + delta_b I, each delta_b raised tenfold while entry b fails",
+        pybind11::arg("A"), pybind11::arg("delta"), pybind11::arg("retries"));
+  m.def("nullspace_ritz", &loranull::nullspace_ritz_cuda,
+        "nullspace_ritz(L (B,n,n) f32|f64, start (B,n,l) f64, k, n_iter) -> (theta (B,k) f64 descending, "
+        "vectors (B,n,k) f64): subspace iteration on (L L^T)^-1 and Rayleigh-Ritz",
+        pybind11::arg("L"), pybind11::arg("start"), pybind11::arg("k"), pybind11::arg("n_iter"));
 }

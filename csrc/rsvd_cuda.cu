@@ -1,22 +1,22 @@
 // Batched randomized SVD of M (I − QQᵀ) on CUDA: Halko, Martinsson & Tropp (2011), Algorithms 4.4 and 5.1.
 //
-// The same steps as loranull_kernels/ops/rsvd_torch.py. The products with M (the whole cost for large matrices)
+// The same steps as loranull_kernels/ops/rsvd/torch_backend.py. The products with M (the whole cost for large matrices)
 // are strided-batched cuBLAS GEMMs and the re-orthonormalisations are cuSOLVER Householder QRs (geqrf + orgqr),
 // both on torch's per-stream handles, so everything runs on the caller's current stream with torch's cuBLAS
 // workspace and TF32 setting. The projection is applied as X ↦ X − Q(QᵀX) (two thin GEMMs), never formed.
 //
-// Layout: a row-major torch tensor of shape (r, c) is the column-major c × r matrix cuBLAS sees. Working
-// matrices are kept column-major (stored as torch tensors of shape (l, rows)) because that is what cuSOLVER's QR
-// takes; M itself is read in place as the column-major Mᵀ.
+// Layout (csrc/cuda_linalg.h): a row-major torch tensor of shape (r, c) is the column-major c × r matrix cuBLAS
+// sees. Working matrices are kept column-major (stored as torch tensors of shape (l, rows)) because that is what
+// cuSOLVER's QR takes; M itself is read in place as the column-major Mᵀ.
 //
 // No kernels of our own: every step is a library call (cuBLAS / cuSOLVER) or, for the l × l tail, an ATen op.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "rsvd.h"
 
+#include "cuda_linalg.h"
+
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/Exceptions.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_svd.h>
 #include <ATen/ops/matmul.h>
@@ -26,32 +26,9 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
-#include <limits>
-#include <utility>
 
 namespace loranull {
 namespace {
-
-// Scalars (alpha, beta) are passed from the host; torch's handle is shared, so restore whatever mode it had.
-class HostPointerMode {
- public:
-  explicit HostPointerMode(cublasHandle_t handle) : handle_(handle) {
-    TORCH_CUDABLAS_CHECK(cublasGetPointerMode(handle_, &previous_));
-    TORCH_CUDABLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
-  }
-  ~HostPointerMode() { cublasSetPointerMode(handle_, previous_); }
-  HostPointerMode(const HostPointerMode&) = delete;
-  HostPointerMode& operator=(const HostPointerMode&) = delete;
-
- private:
-  cublasHandle_t handle_;
-  cublasPointerMode_t previous_;
-};
-
-int as_int(int64_t v, const char* what) {
-  TORCH_CHECK(v <= std::numeric_limits<int>::max(), "rsvd: ", what, " = ", v, " exceeds the 32-bit cuBLAS/cuSOLVER API");
-  return static_cast<int>(v);
-}
 
 // C_b = alpha · op(A_b) · op(B_b) + beta · C_b for b < batch; column-major, op(A) rows × inner, op(B) inner × cols.
 void gemm(cublasHandle_t h, bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner, float alpha,
@@ -63,77 +40,13 @@ void gemm(cublasHandle_t h, bool trans_a, bool trans_b, int64_t rows, int64_t co
       stride_b, &beta, C, as_int(ldc, "ldc"), stride_c, as_int(batch, "batch")));
 }
 
-// Householder QR of `batch` column-major rows × cols matrices (rows ≥ cols) with one shared workspace. cuSOLVER has
-// no batched Householder QR for matrices this size, so this is a loop of asynchronous calls on one stream.
-// devInfo is not read back: geqrf/orgqr only report illegal arguments there (checked above), and a read would
-// synchronise the stream on every call.
-class Householder {
- public:
-  Householder(cusolverDnHandle_t h, const at::Tensor& like, int64_t batch, int64_t cols, float* probe_a,
-              int64_t probe_rows_a, float* probe_b, int64_t probe_rows_b)
-      : h_(h), cols_(cols) {
-    tau_ = at::empty({batch, cols}, like.options());
-    info_ = at::empty({batch}, like.options().dtype(at::kInt));
-    int lwork = 1;
-    const std::pair<float*, int64_t> shapes[] = {{probe_a, probe_rows_a}, {probe_b, probe_rows_b}};
-    for (const auto& [A, rows] : shapes) {
-      int lq = 0, lo = 0;
-      const int r = as_int(rows, "rows"), c = as_int(cols, "l");
-      TORCH_CUSOLVER_CHECK(cusolverDnSgeqrf_bufferSize(h_, r, c, A, r, &lq));
-      TORCH_CUSOLVER_CHECK(cusolverDnSorgqr_bufferSize(h_, r, c, c, A, r, tau_.data_ptr<float>(), &lo));
-      lwork = std::max({lwork, lq, lo});
-    }
-    lwork_ = lwork;
-    work_ = at::empty({lwork_}, like.options());
-  }
-
-  // In place: R in the upper triangle, the Householder vectors below it, their scales in tau.
-  void factor(float* X, int64_t rows, int64_t stride, int64_t batch) {
-    const int r = as_int(rows, "rows"), c = as_int(cols_, "l");
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CUSOLVER_CHECK(cusolverDnSgeqrf(h_, r, c, X + b * stride, r, tau(b), work_.data_ptr<float>(), lwork_,
-                                            info_.data_ptr<int>() + b));
-    }
-  }
-
-  // In place, after factor(): the rows × cols matrix with orthonormal columns spanning the input's columns.
-  void form_q(float* X, int64_t rows, int64_t stride, int64_t batch) {
-    const int r = as_int(rows, "rows"), c = as_int(cols_, "l");
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CUSOLVER_CHECK(cusolverDnSorgqr(h_, r, c, c, X + b * stride, r, tau(b), work_.data_ptr<float>(), lwork_,
-                                            info_.data_ptr<int>() + b));
-    }
-  }
-
-  void orthonormalize(float* X, int64_t rows, int64_t stride, int64_t batch) {
-    factor(X, rows, stride, batch);
-    form_q(X, rows, stride, batch);
-  }
-
- private:
-  float* tau(int64_t b) { return tau_.data_ptr<float>() + b * cols_; }
-
-  cusolverDnHandle_t h_;
-  int64_t cols_;
-  int lwork_ = 1;
-  at::Tensor tau_, info_, work_;
-};
-
-void check_input(const at::Tensor& t, const char* name, const at::Tensor& M) {
-  TORCH_CHECK(t.is_cuda(), "rsvd: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == M.device(), "rsvd: ", name, " is on ", t.device(), " but M is on ", M.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "rsvd: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 3, "rsvd: ", name, " must be 3-D (batch, rows, cols), got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), "rsvd: ", name, " must be contiguous");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& M, const at::Tensor& omega,
                                                          const std::optional<at::Tensor>& project_out,
                                                          int64_t rank, int64_t n_iter) {
-  check_input(M, "M", M);
-  check_input(omega, "omega", M);
+  check_operand(M, "rsvd", "M", M, at::kFloat);
+  check_operand(omega, "rsvd", "omega", M, at::kFloat);
   const int64_t B = M.size(0), m = M.size(1), n = M.size(2);
   const int64_t l = omega.size(1);
   TORCH_CHECK(omega.size(0) == B && omega.size(2) == n, "rsvd: omega must be (", B, ", l, ", n, "), got ",
@@ -144,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& M, co
   const float* Q = nullptr;
   int64_t k = 0, stride_q = 0;
   if (project_out.has_value() && project_out->defined()) {
-    check_input(*project_out, "project_out", M);
+    check_operand(*project_out, "rsvd", "project_out", M, at::kFloat);
     TORCH_CHECK((project_out->size(0) == 1 || project_out->size(0) == B) && project_out->size(1) == n,
                 "rsvd: project_out must be (1 or ", B, ", ", n, ", k), got ", project_out->sizes());
     Q = project_out->data_ptr<float>();
@@ -163,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& M, co
   at::Tensor Wt = k > 0 ? at::empty({B, l, k}, M.options()) : at::Tensor();
   float* Y = Yt.data_ptr<float>();
   float* Z = Zt.data_ptr<float>();
-  Householder qr(solver, M, B, l, Y, m, Z, n);
+  Householder<float> qr(solver, M, B, l, {{Y, m}, {Z, n}});
 
   // X ← (I − QQᵀ) X for the column-major n × l matrices X. Q's storage is the column-major k × n matrix Qᵀ.
   auto project = [&](float* X) {

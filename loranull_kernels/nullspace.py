@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._dtypes import compute_dtype
+from .ops import null_space
 
 _EIGH_DTYPES = (torch.float32, torch.float64)
 _METHODS = ("auto", "eigh", "randomized")
@@ -32,7 +33,6 @@ MINOR_N_ITER = 16  # minor_singular_components: see its docstring
 # anyway. Shifting every eigenvalue by the same amount leaves the eigenvectors unchanged; it is raised tenfold
 # (a few times at most) when the factorisation still fails.
 RIDGE = 1e-6
-_RIDGE_RETRIES = 6
 
 
 def _check_covariance(C: torch.Tensor, name: str = "C", batched: bool = False) -> None:
@@ -161,73 +161,8 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
                          f"oversample={oversample}, n_iter={n_iter}")
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
-    batched = C.dim() == 3
-    first = torch.float64 if precision == "float64" or C.dtype == torch.float64 and precision == "auto" else torch.float32
-    # The Cholesky reads A's lower triangle only, and the Ritz matrix below is symmetrised: A need not be exactly
-    # symmetric. A copy also of input in the working dtype: its diagonal is shifted in place.
-    A = C.detach().to(first, copy=True)
-    A = A if batched else A.unsqueeze(0)
-    if not torch.isfinite(A).all():
-        raise ValueError("C has non-finite entries")
-    scale = torch.diagonal(A, dim1=-2, dim2=-1).double().mean(-1)  # tr(C)/n, (B,)
-    if not bool((scale > 0).all()):
-        raise ValueError("tr(C) must be positive (an empty or all-zero calibration set?)")
-    L, shift = _ridged_cholesky(A, ridge * scale, retries=0 if precision == "auto" and first == torch.float32 else None)
-    if L is None:  # float32 was not enough
-        A = A.to(torch.float64)
-        L, shift = _ridged_cholesky(A, ridge * scale)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=A.device).manual_seed(int(seed))
-    X = torch.randn(A.shape[0], n, l, dtype=torch.float64, device=A.device, generator=gen)
-    Q = torch.linalg.qr(X.to(L.dtype)).Q
-    for _ in range(n_iter):
-        Q = torch.linalg.qr(_inverse_times(L, Q)).Q
-    del A
-    # Rayleigh–Ritz on (C + δI)⁻¹ rather than on C: with W = L⁻¹Q, Qᵀ(C + δI)⁻¹Q = WᵀW costs one triangular solve
-    # (no n × n product), and it resolves the smallest eigenvalues of C as the largest of the inverse, i.e.
-    # relative to themselves, not to ‖C‖ (a float32 product with C would lose them below eps · ‖C‖).
-    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision: the returned basis
-    W = torch.linalg.solve_triangular(L, Q.to(L.dtype), upper=False).double()
-    del L
-    theta, V = torch.linalg.eigh(W.transpose(-1, -2) @ W)  # ascending θ: the last ones are C's smallest
-    theta, V = theta[..., -k:].flip(-1), V[..., -k:].flip(-1)
-    values = 1.0 / theta - shift[:, None]
-    vectors = Q @ V
-    return (values, vectors) if batched else (values[0], vectors[0])
-
-
-def _inverse_times(L: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹ Y`` by two triangular solves: as exact as ``torch.cholesky_solve`` and, measured on the project's
-    CPU (MKL, n = 4096, 144 columns), a third faster."""
-    return torch.linalg.solve_triangular(L.transpose(-1, -2), torch.linalg.solve_triangular(L, Y, upper=False),
-                                         upper=True)
-
-
-def _ridged_cholesky(A: torch.Tensor, delta: torch.Tensor,
-                     retries: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(L, δ)``: lower Cholesky factors of ``A + δ_b I`` (A (B, n, n), δ (B,) float64) and the δ used, each δ
-    raised tenfold until it factors (at most ``retries`` times, default :data:`_RIDGE_RETRIES`). A is shifted in
-    place and restored (up to the rounding of adding and subtracting δ). L is None when ``retries`` was given and
-    ran out; raises ValueError when the default ran out."""
-    diag = torch.diagonal(A, dim1=-2, dim2=-1)  # shifted in place and restored: no n × n temporaries
-    delta = delta.clone()
-    for _ in range((_RIDGE_RETRIES if retries is None else retries) + 1):
-        shift = delta.to(A.dtype)[:, None]
-        diag.add_(shift)
-        try:
-            L, info = torch.linalg.cholesky_ex(A)
-        finally:
-            diag.sub_(shift)
-        failed = info != 0
-        if not bool(failed.any()):
-            return L, delta
-        del L
-        delta = torch.where(failed, delta * 10, delta)
-    if retries is not None:
-        return None, delta
-    raise ValueError(f"C is not positive semi-definite to within a ridge of {delta.max().item():.3g} "
-                     "(tr(C)/n · 1e-6 · 10^6): is it a covariance?")
+    return null_space.smallest_eigenpairs(C, k, oversample=oversample, n_iter=n_iter, seed=seed, ridge=ridge,
+                                          precision=precision)
 
 
 # ---- bases computed ahead (inject solves a block's same-shape covariances in one batched call) --------------------

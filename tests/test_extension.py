@@ -22,7 +22,7 @@ def test_status_is_one_line_and_never_raises():
 
 def test_sources_are_found():
     names = {p.rsplit("/", 1)[-1] for p in _extension.sources()}
-    assert {"bindings.cpp", "rsvd_cuda.cu"} <= names
+    assert {"bindings.cpp", "rsvd_cuda.cu", "nullspace_cuda.cu"} <= names
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")

@@ -1,0 +1,223 @@
+"""The null_space op (the randomized solver behind nullspace.randomized_smallest): dispatch, the torch backend's
+numerics (pinned to what the solver returned before it became an op), its backend contract, and (CUDA only) the
+extension's backend against the torch one and against eigh."""
+import pytest
+import torch
+
+import loranull_kernels.backend as backend
+from loranull_kernels import _extension, nullspace
+from loranull_kernels.ops import null_space
+from loranull_kernels.ops.null_space import cuda_backend, torch_backend
+
+from ..test_nullspace import heavy_tailed, known_covariance
+
+OPTIONS = dict(oversample=nullspace.DEFAULT_OVERSAMPLE, n_iter=nullspace.DEFAULT_N_ITER, seed=0,
+               ridge=nullspace.RIDGE, precision="auto")
+
+
+def unconverged_problem():
+    """A 64 × 64 covariance from a fixed generator, on which one iteration with 7 columns is far from converged:
+    the answer depends on every step and on the start, so matching it pins the numerics, not just correctness."""
+    X = torch.randn(96, 64, generator=torch.Generator().manual_seed(2024), dtype=torch.float64)
+    return X.t() @ X / 96
+
+
+# What nullspace.randomized_smallest(C, 3, oversample=4, n_iter=1, seed=0, precision=p) returned on this CPU
+# before the solver moved into ops/null_space/ (commit a8f5960): values, row 0 of Q Qᵀ (sign-free) and its
+# diagonal's first entries. eigh's three smallest are 0.0412, 0.0615, 0.0653: unconverged indeed.
+BEFORE = {
+    "float64": ([0.05155777626076263, 0.06782302541427214, 0.08213638748970667],
+                [0.008725524770194988, 0.029028120427725058, -0.013168638327200702, 0.013386537431307077],
+                [0.008725524770194988, 0.15252953007408215, 0.033286233629980844, 0.03451935990007278]),
+    "float32": ([0.0515576978244111, 0.06782298636844585, 0.08213635264131025],
+                [0.00872552515892373, 0.029028125586896266, -0.013168650054052678, 0.013386553479781627],
+                [0.00872552515892373, 0.15252949913913424, 0.03328614704802527, 0.03451933716353794]),
+}
+
+
+@pytest.mark.parametrize("precision, tol", [("float64", 1e-10), ("float32", 1e-5)])  # float32: BLAS-dependent
+def test_torch_backend_returns_what_the_solver_returned_before_it_was_an_op(precision, tol):
+    C = unconverged_problem()
+    with backend.use("torch"):
+        values, Q = null_space.smallest_eigenpairs(C, 3, oversample=4, n_iter=1, seed=0, ridge=nullspace.RIDGE,
+                                                   precision=precision)
+    P = Q @ Q.t()
+    for got, want in zip((values, P[0, :4], P.diagonal()[:4]), BEFORE[precision]):
+        assert (got - torch.tensor(want, dtype=torch.float64)).abs().max() < tol * max(abs(w) for w in want)
+    public = nullspace.randomized_smallest(C, 3, oversample=4, n_iter=1, seed=0, precision=precision)
+    assert all(torch.equal(a, b) for a, b in zip(public, (values, Q)))
+
+
+def test_dispatch_runs_the_torch_backend_on_cpu(monkeypatch):
+    assert null_space.implementation(torch.zeros(2, 2)) is torch_backend
+    assert null_space.implementation(torch.zeros(2, 2, dtype=torch.float64)) is torch_backend
+    calls = []
+    for name in ("ridged_cholesky", "subspace_ritz"):
+        real = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    C, _ = known_covariance(48, torch.linspace(0.1, 1, 48, dtype=torch.float64))
+    null_space.smallest_eigenpairs(C.float(), 4, **OPTIONS)
+    assert calls == ["ridged_cholesky", "subspace_ritz"]
+    with backend.use("cuda"), pytest.raises(RuntimeError, match="CUDA extension"):
+        null_space.smallest_eigenpairs(C, 4, **OPTIONS)
+
+
+def test_float32_that_needs_a_larger_ridge_is_solved_in_float64(monkeypatch):
+    C, _ = known_covariance(64, torch.cat([torch.full((4,), -1e-5), torch.ones(60)]).double())
+    dtypes = []
+    real = torch_backend.subspace_ritz
+    monkeypatch.setattr(torch_backend, "subspace_ritz", lambda L, *a: dtypes.append(L.dtype) or real(L, *a))
+    values, Q = null_space.smallest_eigenpairs(C.float(), 4, **OPTIONS)
+    forced, _ = null_space.smallest_eigenpairs(C.float(), 4, **dict(OPTIONS, precision="float32"))
+    assert dtypes == [torch.float64, torch.float32]
+    assert values.max() < 0 and Q.shape == (64, 4) and forced.shape == (4,)
+
+
+def gapped_batch(B, n, k, dtype=torch.float64, low=(-7, -6), high=(-3, 0)):
+    """B covariances with the k smallest eigenvalues in 10^low, the others in 10^high, and their null spaces."""
+    lam = torch.cat([torch.logspace(*low, k, dtype=torch.float64), torch.logspace(*high, n - k, dtype=torch.float64)])
+    pairs = [known_covariance(n, lam) for _ in range(B)]
+    return torch.stack([C for C, _ in pairs]).to(dtype), torch.stack([V[:, :k] for _, V in pairs])
+
+
+def test_ridged_cholesky_raises_the_ridge_of_the_failing_entries_only():
+    good, _ = known_covariance(32, torch.linspace(0.5, 1, 32, dtype=torch.float64))
+    bad, _ = known_covariance(32, torch.cat([torch.tensor([-5e-5]), torch.linspace(0.5, 1, 31)]).double())
+    A = torch.stack([good, bad, good])
+    before = A.clone()
+    delta = torch.full((3,), 1e-6, dtype=torch.float64)
+    L, used = torch_backend.ridged_cholesky(A, delta, retries=6)
+    raised = torch.tensor([1e-6, 1e-6 * 10 * 10, 1e-6], dtype=torch.float64)  # twice tenfold, in float64
+    assert torch.equal(used, raised)
+    assert torch.equal(delta, torch.full((3,), 1e-6, dtype=torch.float64)), "the caller's ridges are not changed"
+    shifted = before + used[:, None, None] * torch.eye(32, dtype=torch.float64)
+    assert (L @ L.transpose(-1, -2) - shifted).abs().max() < 1e-12
+    assert torch.equal(L, L.tril())
+    assert (A - before).abs().max() < 1e-15
+    none, tried = torch_backend.ridged_cholesky(A, delta, retries=1)
+    assert none is None and torch.equal(tried, raised)  # 1e-6 and 1e-5 failed; 1e-4 would be next
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        (dict(C=torch.eye(8), k=0), ValueError, "need 1 ≤ k"),
+        (dict(C=torch.eye(8), k=4, oversample=4), ValueError, "k \\+ oversample < n"),
+        (dict(C=torch.eye(8), k=2, n_iter=0), ValueError, "n_iter ≥ 1"),
+        (dict(C=torch.eye(8), k=2.0), TypeError, "must be ints"),
+        (dict(C=torch.eye(8), k=2, precision="half"), ValueError, "precision"),
+        (dict(C=torch.ones(3, 4), k=1), ValueError, "C must be"),
+        (dict(C=torch.eye(8, dtype=torch.int64), k=1), TypeError, "floating point"),
+        (dict(C=torch.full((8, 8), float("nan")), k=1), ValueError, "non-finite"),
+        (dict(C=torch.zeros(8, 8), k=1), ValueError, "tr\\(C\\)"),
+        (dict(C=-torch.eye(8), k=1), ValueError, "tr\\(C\\)"),
+        (dict(C=torch.diag(torch.tensor([-10.0] + [1.0] * 63)), k=1), ValueError, "positive semi-definite"),
+    ],
+)
+def test_bad_input_raises_naming_the_problem(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        null_space.smallest_eigenpairs(**dict(dict(OPTIONS, oversample=2), **kwargs))
+
+
+# ---- CUDA only: the extension's backend against the torch backend and against eigh -------------------------------
+
+def projector_gap(Q, V):
+    """max |Q Qᵀ − V Vᵀ| over a batch: 0 when the two bases span the same subspace."""
+    Q, V = Q.double().cpu(), V.double().cpu()
+    return (Q @ Q.transpose(-1, -2) - V @ V.transpose(-1, -2)).abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_picks_the_extension():
+    assert _extension.available(), _extension.status()
+    assert null_space.implementation(torch.zeros(2, 2, device="cuda")) is cuda_backend
+    with backend.use("torch"):
+        assert null_space.implementation(torch.zeros(2, 2, device="cuda")) is torch_backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_cholesky_matches_torch_with_the_same_retries(dtype):
+    good, _ = known_covariance(96, torch.linspace(0.5, 1, 96, dtype=torch.float64))
+    bad, _ = known_covariance(96, torch.cat([torch.tensor([-5e-5]), torch.linspace(0.5, 1, 95)]).double())
+    A = torch.stack([good, bad, good, bad]).to(dtype).cuda()
+    before = A.clone()
+    delta = torch.full((4,), 1e-6, dtype=torch.float64, device="cuda")
+    L, used = cuda_backend.ridged_cholesky(A, delta, retries=6)
+    Lt, used_t = torch_backend.ridged_cholesky(A.clone(), delta, retries=6)
+    assert torch.equal(A, before), "the extension does not touch A"
+    assert torch.equal(used, used_t) and used.device == A.device
+    eps = torch.finfo(dtype).eps
+    assert (L - Lt).abs().max() < 100 * eps and torch.equal(L, L.tril())
+    none, tried = cuda_backend.ridged_cholesky(A, delta, retries=1)
+    assert none is None and torch.equal(tried, torch_backend.ridged_cholesky(A.clone(), delta, retries=1)[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B, n, k, oversample", [(1, 300, 6, 10), (3, 257, 5, 16), (12, 48, 3, 5)])
+def test_gpu_ritz_matches_torch_backend(dtype, B, n, k, oversample):
+    """(12, 48): the trsmBatched path; the others: the loop of trsm. Both backends iterate from the same factor."""
+    C, V = gapped_batch(B, n, k, low=(-4, -3.5), high=(-2, 0))  # κ ≈ 1e4: float32 solves keep ~3 digits
+    L, _ = torch_backend.ridged_cholesky(C.to(dtype).cuda(), torch.full((B,), 1e-8, dtype=torch.float64,
+                                                                       device="cuda"), retries=6)
+    start = torch.randn(B, n, k + oversample, dtype=torch.float64, device="cuda")
+    theta, Q = cuda_backend.subspace_ritz(L, start, k, 2)
+    theta_t, Q_t = torch_backend.subspace_ritz(L, start, k, 2)
+    assert theta.shape == (B, k) and Q.shape == (B, n, k) and theta.dtype == Q.dtype == torch.float64
+    assert torch.all(theta[:, :-1] >= theta[:, 1:])
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert ((theta - theta_t).abs() / theta_t).max() < tol and projector_gap(Q, Q_t) < tol
+    assert (Q.transpose(-1, -2) @ Q - torch.eye(k, dtype=torch.float64, device="cuda")).abs().max() < 1e-12
+    assert projector_gap(Q, V) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_gpu_end_to_end_agrees_with_torch_backend_and_eigh(precision):
+    C, V = gapped_batch(3, 400, 8, torch.float32)
+    values, Q = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
+    with backend.use("torch"):
+        values_t, Q_t = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
+    assert values.device.type == "cuda" and Q.shape == (3, 400, 8)
+    # The spectrum of test_nullspace.py's gapped test: float32 rounding of C is ~eps · ‖C‖ = 6e-8, the size of the
+    # smallest eigenvalues, so float32 factorisations differ at 1e-6 and the subspaces at ~1e-3.
+    assert projector_gap(Q, V) < 1e-2 and projector_gap(Q, Q_t) < (1e-2 if precision == "auto" else 1e-6)
+    exact = torch.linalg.eigvalsh(C.double())[:, :8]
+    assert (values.cpu() - exact).abs().max() < 1e-5 and (values - values_t).abs().max() < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_float32_fallback_and_ridge_match_the_torch_backend():
+    C, _ = known_covariance(128, torch.cat([torch.full((4,), -1e-5), torch.ones(124)]).double())
+    values, Q = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
+    with backend.use("torch"):
+        values_t, Q_t = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
+    assert values.max() < 0 and (values - values_t).abs().max() < 1e-9 and projector_gap(Q, Q_t) < 1e-6
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        null_space.smallest_eigenpairs(torch.diag(torch.tensor([-10.0] + [1.0] * 63)).cuda(), 4, **OPTIONS)
+
+
+@pytest.mark.gpu
+def test_gpu_leak_within_1_1x_of_eigh_on_held_out_heavy_tailed_activations():
+    n, k = 512, 24
+    X, held = heavy_tailed(n, 2048, seed=3)
+    C = (X.t() @ X / X.shape[0]).cuda()
+    _, exact = nullspace.smallest_eigenvectors(C, k, method="eigh")
+    _, fast = null_space.smallest_eigenpairs(C, k, **OPTIONS)
+    exact_leak = nullspace.leak(held.cuda(), exact.t())
+    fast_leak = nullspace.leak(held.cuda(), fast.float().t())
+    assert fast_leak <= 1.1 * exact_leak
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_the_current_stream():
+    C, _ = gapped_batch(2, 300, 6, torch.float32)
+    C = C.cuda()
+    expected = null_space.smallest_eigenpairs(C, 6, **OPTIONS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = null_space.smallest_eigenpairs(C, 6, **OPTIONS)
+    side.synchronize()
+    assert (got[0] - expected[0]).abs().max() < 1e-12 and projector_gap(got[1], expected[1]) < 1e-9
