@@ -38,10 +38,7 @@ def main(argv=None) -> dict:
     return {"rows": rows, "demo": summary, "out_dir": out_dir, "seconds": seconds}
 
 
-def cli(argv=None) -> int:
-    """``python -m loranull_kernels``: exit status 0 on success."""
-    main(argv)
-    return 0
+cli = _cli.console_script(main, "python -m loranull_kernels")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,28 @@ exit codes (0 on success, 2 with a one-line message on a bad argument, as argpar
 
 The console scripts (``loranull-bench``, ``loranull-forgetting``, ``loranull-demo``) and ``python -m
 loranull_kernels`` each define ``main(argv) -> result`` (what tests and Python callers use) and ``cli(argv) -> int``
-(what the console script runs: ``sys.exit(cli())``), so a successful run never exits with its result as status.
+(what the console script runs: ``sys.exit(cli())``; :func:`console_script` makes it), so a successful run never
+exits with its result as status.
 """
 from __future__ import annotations
 
 import argparse
 import re
+from typing import Callable
 
 import torch
+
+
+def console_script(main: Callable[[list[str] | None], object], prog: str) -> Callable[[list[str] | None], int]:
+    """The ``cli(argv=None) -> int`` of a command from its ``main(argv) -> result``: runs ``main`` and returns 0, so
+    that the console script (``sys.exit(cli())``) exits 0 after a success, whatever ``main`` returned."""
+
+    def cli(argv: list[str] | None = None) -> int:
+        main(argv)
+        return 0
+
+    cli.__doc__ = f"The ``{prog}`` console script: exit status 0 on success."
+    return cli
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -183,10 +183,7 @@ def main(argv=None) -> dict:
     return {"op": op, "model": model}
 
 
-def cli(argv=None) -> int:
-    """The ``loranull-demo`` console script: exit status 0 on success."""
-    main(argv)
-    return 0
+cli = _cli.console_script(main, "loranull-demo")
 
 
 if __name__ == "__main__":

@@ -345,10 +345,7 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def cli(argv=None) -> int:
-    """The ``loranull-bench`` console script: exit status 0 on success."""
-    main(argv)
-    return 0
+cli = _cli.console_script(main, "loranull-bench")
 
 
 if __name__ == "__main__":
