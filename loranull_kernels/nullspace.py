@@ -20,11 +20,10 @@ from .ops import null_space
 _EIGH_DTYPES = (torch.float32, torch.float64)
 _METHODS = ("auto", "eigh", "randomized")
 
-# "auto" runs eigh below this size: exact, and what the package did before the randomized solver, for the small
-# layers where it costs little. On the project's 2-core CPU (benchmarks/results/nullspace_*.csv) the randomized
-# solver is 5-15x faster from n = 2048 up with the same held-out leak. The threshold is not tuned: in a smoke run
-# on a heavy-tailed n = 512 covariance, eigh took 6.7 s and the randomized solver 0.36 s.
-AUTO_EIGH_BELOW = 1024
+# "auto" runs eigh below this size: exact, and the cheaper or no slower one there. Measured on the project's 2-core
+# CPU (k = n/64, i^-1 spectrum, best of 3, machine shared with other jobs): eigh / randomized = 0.7-1.0x at n = 128,
+# 2.3x at 256 (one thread), 2.3-5.7x at 512, 3.4-12x at 1024, 11-14x at 2048. Below 512 both take milliseconds.
+AUTO_EIGH_BELOW = 512
 DEFAULT_OVERSAMPLE = 16
 DEFAULT_N_ITER = 2  # n = 4096, k = 128, heavy-tailed: leak 1.014x eigh's at 2, 1.005x at 3, 1.07x at 1
 MINOR_N_ITER = 16  # minor_singular_components: see its docstring
