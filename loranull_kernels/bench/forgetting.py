@@ -231,6 +231,36 @@ def mean_leak(model: torch.nn.Module, batch: dict) -> float:
     return sum(leaks) / len(leaks)
 
 
+def train(model: torch.nn.Module, data: dict, lr: float, steps: int, batch_size: int, seed: int, device,
+          loss_fn=None) -> tuple[list[torch.Tensor], list[float]]:
+    """The benchmark's fine-tuning loop: ``steps`` AdamW steps (one-cycle schedule to ``lr``) on random rows of the
+    encoded batch ``data`` (drawn from ``seed``), task loss ``loss_fn(model, batch)`` (default ``model(**batch).loss``)
+    plus ``lk.regularization_loss``, ``lk.after_optimizer_step`` after each step; stops at a non-finite loss. Leaves
+    the model in eval mode. Returns (the trained parameters, the task loss of every step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    model.train()
+    losses = []
+    with flush_denormals():  # Adam states of tiny gradients: 18× slower steps on some CPUs without this
+        for step in range(steps):
+            idx = torch.randint(0, data["input_ids"].shape[0], (batch_size,), generator=g)
+            batch = _to(qa.rows(data, idx), device)
+            task_loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+            loss = task_loss + regularization_loss(model)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            after_optimizer_step(model, step)
+            opt.zero_grad(set_to_none=True)
+            losses.append(task_loss.item())
+            if not math.isfinite(losses[-1]):
+                break
+    model.eval()
+    return params, losses
+
+
 def fine_tune(setup: Setup, method: BenchmarkEntry, lr: float, seed: int) -> dict:
     """One run: copy the pre-trained model, attach the method, train on the task, measure. Returns a result row."""
     cfg, world, device = setup.config, setup.world, setup.device
@@ -249,27 +279,7 @@ def fine_tune(setup: Setup, method: BenchmarkEntry, lr: float, seed: int) -> dic
     leak_init = mean_leak(model, leak_batch)
     task_leak_init = mean_leak(model, _to(setup.task_leak_batch, device))  # how much of the new task A can see
     recall_init = recall(model, world, "held_out")  # KaSA's truncation changes the model before any step
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(10_000 + seed)
-    model.train()
-    losses = []
-    with flush_denormals():  # Adam states of tiny gradients: 18× slower steps on some CPUs without this
-        for step in range(cfg.steps):
-            idx = torch.randint(0, len(setup.task["train"]), (cfg.batch_size,), generator=g)
-            batch = _to(qa.rows(setup.train_batch, idx), device)
-            task_loss = model(**batch).loss
-            loss = task_loss + regularization_loss(model)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            after_optimizer_step(model, step)
-            opt.zero_grad(set_to_none=True)
-            losses.append(task_loss.item())
-            if not math.isfinite(losses[-1]):
-                break
-    model.eval()
+    params, losses = train(model, setup.train_batch, lr, cfg.steps, cfg.batch_size, seed, device)
     recall_after = recall(model, world, "held_out")
     tail = losses[-max(1, len(losses) // 10):]
     return dict(
@@ -327,12 +337,8 @@ def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers
         raise ValueError(f"workers must be ≥ 1, got {workers}")
     todo = methods(cfg)
     by_name = {m.name: m for m in todo}
-    first, rest = cfg.seeds[0], cfg.seeds[1:]
-    swept = [m for m in todo if m.family not in _AT_LORA_RATE]
-    at_lora_rate = [m for m in todo if m.family in _AT_LORA_RATE]
-    total = sum(len(m.lrs) + len(rest) for m in swept) + len(at_lora_rate) * len(cfg.seeds)
-    bar = tqdm(total=total, desc=f"forgetting benchmark ({workers} worker{'s' * (workers > 1)})", unit="run",
-               disable=not progress)
+    bar = tqdm(total=protocol_size(todo, cfg.seeds),
+               desc=f"forgetting benchmark ({workers} worker{'s' * (workers > 1)})", unit="run", disable=not progress)
     pool = None
     if workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
@@ -351,25 +357,45 @@ def run(cfg: BenchmarkConfig = FULL, device=None, progress: bool = True, workers
             bar.update()
         return [f.result() for f in futures]
 
-    rows: list[dict] = []
     try:
-        sweep = batch([(m.name, lr, first) for m in swept for lr in m.lrs])  # phase 1: learning rates, first seed
-        rows += sweep
-        chosen: dict[str, float] = {}
-        for m in swept:
-            best = _select([r for r in sweep if r["method"] == m.name])
-            chosen[m.name] = best["lr"]
-            for r in sweep:
-                if r["method"] == m.name:
-                    r["selected"] = r is best
-        lora_lr = chosen.get("lora", cfg.adapter_lrs[len(cfg.adapter_lrs) // 2])
-        jobs = [(m.name, chosen[m.name], seed) for m in swept for seed in rest]  # phase 2: the other seeds
-        jobs += [(m.name, lora_lr, seed) for m in at_lora_rate for seed in cfg.seeds]
-        for r in batch(jobs):
-            r["selected"] = True
-            rows.append(r)
+        rows = protocol(todo, cfg.seeds, cfg.adapter_lrs[len(cfg.adapter_lrs) // 2], batch)
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return {"runs": rows, "setup": setup, "seconds": time.perf_counter() - start, "workers": workers}
+
+
+def protocol_size(todo: list, seeds: tuple[int, ...]) -> int:
+    """How many runs :func:`protocol` makes for these methods and seeds."""
+    swept = [m for m in todo if m.family not in _AT_LORA_RATE]
+    return sum(len(m.lrs) + len(seeds) - 1 for m in swept) + (len(todo) - len(swept)) * len(seeds)
+
+
+def protocol(todo: list, seeds: tuple[int, ...], default_lr: float, batch) -> list[dict]:
+    """The benchmark's two phases, for any model: ``batch(jobs)`` runs ``(method name, lr, seed)`` jobs and returns
+    their result rows (with ``method``, ``lr``, ``val_accuracy``, ``retention``) in job order.
+
+    Phase 1 runs every swept method at each of its ``lrs`` on the first seed and selects one rate (:func:`_select`);
+    phase 2 runs the other seeds at that rate, and LoRA's penalised variants (LaLoRA, its l2 control) on every seed at
+    LoRA's selected rate (``default_lr`` when LoRA is not among ``todo``). Returns every row, each with
+    ``selected``: whether it is at its method's selected rate."""
+    first, rest = seeds[0], seeds[1:]
+    swept = [m for m in todo if m.family not in _AT_LORA_RATE]
+    at_lora_rate = [m for m in todo if m.family in _AT_LORA_RATE]
+    sweep = batch([(m.name, lr, first) for m in swept for lr in m.lrs])  # phase 1: learning rates, first seed
+    rows = list(sweep)
+    chosen: dict[str, float] = {}
+    for m in swept:
+        best = _select([r for r in sweep if r["method"] == m.name])
+        chosen[m.name] = best["lr"]
+        for r in sweep:
+            if r["method"] == m.name:
+                r["selected"] = r is best
+    lora_lr = chosen.get("lora", default_lr)
+    jobs = [(m.name, chosen[m.name], seed) for m in swept for seed in rest]  # phase 2: the other seeds
+    jobs += [(m.name, lora_lr, seed) for m in at_lora_rate for seed in seeds]
+    for r in batch(jobs):
+        r["selected"] = True
+        rows.append(r)
+    return rows

