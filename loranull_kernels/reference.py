@@ -76,3 +76,19 @@ def approximation_error(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: t
     A = project_out(M, project_out_Q)
     R = A - (U.to(torch.float64) * S.to(torch.float64).unsqueeze(-2)) @ Vh.to(torch.float64)
     return (R ** 2).sum((-2, -1))
+
+
+def null_space_iteration(C: torch.Tensor, k: int, start: torch.Tensor, n_iter: int, delta: float):
+    """The randomized null-space solver's steps in float64, written plainly: ``n_iter`` times
+    ``Q ← orth((C + δI)⁻¹ Q)`` from the Gaussian ``start`` (n, l), then Rayleigh–Ritz on ``(C + δI)⁻¹`` in
+    ``span(Q)``. Returns ``(values (k,) ascending = 1/θ − δ, projector (n, n) onto the k Ritz vectors)``; the
+    projector is what a correct implementation must reproduce (the vectors themselves are defined up to sign)."""
+    n = C.shape[-1]
+    M = torch.linalg.inv(C.double() + delta * torch.eye(n, dtype=torch.float64))
+    Q = start.double()
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(M @ Q).Q
+    Q = torch.linalg.qr(Q).Q
+    theta, V = torch.linalg.eigh(Q.t() @ M @ Q)
+    vectors = Q @ V[:, -k:]
+    return (1.0 / theta[-k:] - delta).flip(0), vectors @ vectors.t()

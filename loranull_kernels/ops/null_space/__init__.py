@@ -75,7 +75,9 @@ def smallest_eigenpairs(C: torch.Tensor, k: int, *, oversample: int, n_iter: int
     # symmetric. A copy also of an input in the working dtype: the torch backend shifts its diagonal in place.
     A = C.detach().to(first, copy=True)
     A = A if batched else A.unsqueeze(0)
-    if not torch.isfinite(A).all():
+    # NaN / Inf anywhere make the sum non-finite: one cheap pass instead of isfinite's four (a tenth of the solve's
+    # time at n = 4096 on the project's CPU); the exact check runs only to tell an overflowing sum from a bad entry.
+    if not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
         raise ValueError("C has non-finite entries")
     scale = torch.diagonal(A, dim1=-2, dim2=-1).double().mean(-1)  # tr(C)/n, (B,)
     if not bool((scale > 0).all()):

@@ -58,7 +58,7 @@ def subspace_ritz(L: torch.Tensor, start: torch.Tensor, k: int, n_iter: int) -> 
         ``theta (B, k)`` float64 descending, the largest Ritz values of ``(C + δI)⁻¹`` (so ``1/θ − δ`` are C's
         smallest eigenvalues, ascending), and ``vectors (B, n, k)`` float64 orthonormal, theirs.
     """
-    Q = torch.linalg.qr(start.to(L.dtype)).Q
+    Q = start.to(L.dtype)  # a Gaussian block needs no orthonormalising before the first solve
     for _ in range(n_iter):
         Q = torch.linalg.qr(_inverse_times(L, Q)).Q
     # Rayleigh–Ritz on (C + δI)⁻¹ rather than on C: with W = L⁻¹Q, Qᵀ(C + δI)⁻¹Q = WᵀW costs one triangular solve
