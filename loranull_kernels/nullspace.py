@@ -25,7 +25,7 @@ _METHODS = ("auto", "eigh", "randomized")
 # 2.3x at 256 (one thread), 2.3-5.7x at 512, 3.4-12x at 1024, 11-14x at 2048. Below 512 both take milliseconds.
 AUTO_EIGH_BELOW = 512
 DEFAULT_OVERSAMPLE = 16
-DEFAULT_N_ITER = 2  # n = 4096, k = 128, heavy-tailed: leak 1.014x eigh's at 2, 1.005x at 3, 1.07x at 1
+DEFAULT_N_ITER = 4  # real activations (SmolLM2-135M, docs text): leak 1.04-1.07x eigh's at 4, 1.17-1.22x at 2 (k = 64)
 MINOR_N_ITER = 16  # minor_singular_components: see its docstring
 # The ridge added before the Cholesky factorisation, relative to tr(C)/n. A float32-accumulated covariance is only
 # known to ~1e-7 of its largest entries: below that floor it can be indefinite and its eigenvectors are noise
