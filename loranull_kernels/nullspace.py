@@ -25,8 +25,14 @@ _METHODS = ("auto", "eigh", "randomized")
 # 2.3x at 256 (one thread), 2.3-5.7x at 512, 3.4-12x at 1024, 11-14x at 2048. Below 512 both take milliseconds.
 AUTO_EIGH_BELOW = 512
 DEFAULT_OVERSAMPLE = 16
-DEFAULT_N_ITER = 4  # real activations (SmolLM2-135M, docs text): leak 1.04-1.07x eigh's at 4, 1.17-1.22x at 2 (k = 64)
+# The randomized solver's Krylov blocks: at most DEFAULT_N_ITER, fewer when the Ritz estimate of the k smallest
+# eigenvalues' sum falls by at most DEFAULT_TOL (relative) from one block to the next. On real activations
+# (SmolLM2-135M blocks 3/10/20, k = 64, b = 80) that sum is 1.06-1.12x the exact one after 2 blocks, 1.01-1.04x
+# after 3, and the test stops there (it fell by 5-8% with the third block), the held-out leak 1.03-1.07x eigh's.
+DEFAULT_N_ITER = 8
+DEFAULT_TOL = 0.1
 MINOR_N_ITER = 16  # minor_singular_components: see its docstring
+MINOR_TOL = 1e-4
 # The ridge added before the Cholesky factorisation, relative to tr(C)/n. A float32-accumulated covariance is only
 # known to ~1e-7 of its largest entries: below that floor it can be indefinite and its eigenvectors are noise
 # anyway. Shifting every eigenvalue by the same amount leaves the eigenvectors unchanged; it is raised tenfold
@@ -75,16 +81,16 @@ def pick_method(n: int, k: int, oversample: int = DEFAULT_OVERSAMPLE) -> str:
 
 def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.float32, method: str = "auto", *,
                           oversample: int = DEFAULT_OVERSAMPLE, n_iter: int = DEFAULT_N_ITER,
-                          seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                          tol: float = DEFAULT_TOL, seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The null-space basis of LoRA-Null: eigenvectors of the ``k`` smallest eigenvalues of ``C``.
 
     Methods:
 
     - ``"eigh"``: a full eigendecomposition (:func:`eigh_ascending`) in ``dtype``; exact, O(n³) with a large constant.
-    - ``"randomized"``: subspace iteration on ``C⁻¹`` (:func:`randomized_smallest`): one Cholesky factorisation of
-      ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed; float32 when that is enough, else float64),
-      ``n_iter`` pairs of triangular solves on ``k + oversample`` columns, then Rayleigh–Ritz on ``(C + δI)⁻¹``
-      in float64. Speed and held-out leak against eigh: benchmarks/results/nullspace_*.csv and
+    - ``"randomized"``: block Krylov iteration on ``C⁻¹`` (:func:`randomized_smallest`): one Cholesky
+      factorisation of ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed; float32 when that is enough,
+      else float64), up to ``n_iter`` blocks of ``k + oversample`` columns (a pair of triangular solves each) until
+      the Rayleigh–Ritz estimate converges to ``tol``. Speed and held-out leak against eigh: benchmarks/results/nullspace_*.csv and
       docs/performance.md.
     - ``"auto"``: :func:`pick_method`.
 
@@ -92,8 +98,8 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
         C: (in, in) symmetric covariance, or (batch, in, in) for same-shape layers solved in one call.
         k: ``1 ≤ k ≤ in``. dtype: float32 or float64, the dtype of the result (and of eigh's decomposition).
         method: ``"auto"``, ``"eigh"`` or ``"randomized"``.
-        oversample, n_iter, seed: of the randomized method (seed: of its Gaussian start; None draws from torch's
-            global generator). Ignored by eigh.
+        oversample, n_iter, tol, seed: of the randomized method (:func:`randomized_smallest`; seed: of its
+            Gaussian start, None draws from torch's global generator). Ignored by eigh.
     Returns:
         ``eigenvalues (…, k)`` ascending and ``Q (…, in, k)`` with orthonormal columns, in ``dtype``, on C's device.
     Raises:
@@ -113,26 +119,34 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     if method == "auto":
         method = pick_method(n, k, oversample)
     if method == "randomized" and k + oversample < n:
-        values, vectors = randomized_smallest(C, k, oversample=oversample, n_iter=n_iter, seed=seed)
+        values, vectors = randomized_smallest(C, k, oversample=oversample, n_iter=n_iter, tol=tol, seed=seed)
         return values.to(dtype), vectors.to(dtype)
     values, vectors = eigh_ascending(C, dtype)
     return values[..., :k], vectors[..., :k]
 
 
 def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OVERSAMPLE,
-                        n_iter: int = DEFAULT_N_ITER, seed: int | None = 0, ridge: float = RIDGE,
-                        precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest eigenpairs of the symmetric positive semi-definite ``C`` by randomized subspace iteration on
-    ``C⁻¹`` (Halko–Martinsson–Tropp, Algorithm 4.4, on the inverse).
+                        n_iter: int = DEFAULT_N_ITER, tol: float = DEFAULT_TOL, seed: int | None = 0,
+                        ridge: float = RIDGE, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest eigenpairs of the symmetric positive semi-definite ``C`` by a randomized block Krylov
+    iteration on ``C⁻¹`` (Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster approximate
+    singular value decomposition", on the inverse), stopped when its Rayleigh–Ritz estimate has converged.
+
+    Why Krylov: C's smallest eigenvalues crowd together on real activations (SmolLM2-135M: λ₆₄/λ₈₀ ≈ 0.91-0.96),
+    where subspace iteration (Halko–Martinsson–Tropp 4.4: only the last block is kept) gains little per solve. A
+    Krylov basis keeps every block, and per triangular solve it reaches a given held-out leak with about a quarter
+    fewer solves (3 blocks ≈ 4 subspace iterations, measured; docs/performance.md).
 
     Why a ridge: C is factored as ``C + δI`` with δ = ``ridge`` · tr(C)/n (multiplied by ten up to six times while
     the factorisation fails): a float32-accumulated covariance is indefinite below its rounding floor. The shift
     changes no eigenvector, only how fast directions below δ separate from each other, and those are below C's
     float32 rounding floor anyway.
 
-    Rayleigh–Ritz at the end is on ``(C + δI)⁻¹`` in the last subspace (one more triangular solve, no n × n product):
-    the Ritz vectors are those of largest ``θ``, and the values ``1/θ − δ``, in float64; as the subspace converges
-    they are C's smallest eigenpairs, resolved relative to themselves rather than to ``‖C‖``.
+    Rayleigh–Ritz is on ``(C + δI)⁻¹`` in the Krylov basis (one triangular solve per block, which the next block
+    needs anyway; no n × n product), in float64: the Ritz vectors are those of largest ``θ``, the values
+    ``1/θ − δ``, resolved relative to themselves rather than to ``‖C‖``. It runs after every block: when
+    ``Σ 1/θ`` over the top k (the estimate of C's k smallest eigenvalues plus δ, summed) fell by at most ``tol``
+    (relative) since the previous block, the iteration stops (``tol=0``: all ``n_iter`` blocks).
 
     Precision (``precision``): ``"auto"`` factors and solves in float32 when the float32 Cholesky of ``C + δI``
     succeeds at the first ridge, else in float64 (the wanted eigenvalues are the smallest, and a float32
@@ -140,9 +154,10 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     force one. On the held-out leak of a heavy-tailed n = 4096 covariance both precisions match eigh's
     (benchmarks/results/nullspace_*.csv); float32 halves the time on a CPU, and more on GPUs.
 
-    Cost: one Cholesky (n³/3) plus ``2 · n_iter + 1`` triangular solves with ``l = k + oversample`` columns
-    (``n² l`` each): batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK). Memory: C's
-    working copy and its factor (two n × n matrices of the working dtype).
+    Cost: one Cholesky (n³/3) plus ``2q + 1`` triangular solves with ``l = k + oversample`` columns (``n² l``
+    each) for q blocks, and float64 products of the ``n × ql`` basis: batched over a leading dim by the same
+    torch.linalg calls (cuSOLVER / LAPACK). Memory: C's working copy and its factor (two n × n matrices of the
+    working dtype) and the basis.
 
     Args:
         C: (n, n) or (batch, n, n), any float dtype. k: ``1 ≤ k``, ``k + oversample < n``.
@@ -160,8 +175,9 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
                          f"oversample={oversample}, n_iter={n_iter}")
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
-    return null_space.smallest_eigenpairs(C, k, oversample=oversample, n_iter=n_iter, seed=seed, ridge=ridge,
-                                          precision=precision)
+    values, vectors, _ = null_space.smallest_eigenpairs(C, k, oversample=oversample, n_iter=n_iter, tol=tol,
+                                                        seed=seed, ridge=ridge, precision=precision)
+    return values, vectors
 
 
 # ---- bases computed ahead (inject solves a block's same-shape covariances in one batched call) --------------------
@@ -197,7 +213,7 @@ def _lookup(C: torch.Tensor, k: int):
 
 
 def minor_singular_components(W: torch.Tensor, r: int, method: str = "auto", *, oversample: int | None = None,
-                              n_iter: int = MINOR_N_ITER,
+                              n_iter: int = MINOR_N_ITER, tol: float = MINOR_TOL,
                               seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``r`` smallest singular triplets of ``W (out, in)`` (MiLoRA's minor components).
 
@@ -234,7 +250,8 @@ def minor_singular_components(W: torch.Tensor, r: int, method: str = "auto", *, 
     Wd = W.detach().to(torch.float64)
     right = W.shape[1] <= W.shape[0]
     G = Wd.t() @ Wd if right else Wd @ Wd.t()
-    _, V = smallest_eigenvectors(G, r, torch.float64, method, oversample=oversample, n_iter=n_iter, seed=seed)
+    _, V = smallest_eigenvectors(G, r, torch.float64, method, oversample=oversample, n_iter=n_iter, tol=tol,
+                                 seed=seed)
     if right:  # W V = U' S V'ᵀ  ⇒  W ≈ U' S (V V')ᵀ on span(V)
         U, S, Vh_small = torch.linalg.svd(Wd @ V, full_matrices=False)
         Vh = Vh_small @ V.t()

@@ -78,17 +78,23 @@ def approximation_error(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: t
     return (R ** 2).sum((-2, -1))
 
 
-def null_space_iteration(C: torch.Tensor, k: int, start: torch.Tensor, n_iter: int, delta: float):
-    """The randomized null-space solver's steps in float64, written plainly: ``n_iter`` times
-    ``Q ← orth((C + δI)⁻¹ Q)`` from the Gaussian ``start`` (n, l), then Rayleigh–Ritz on ``(C + δI)⁻¹`` in
-    ``span(Q)``. Returns ``(values (k,) ascending = 1/θ − δ, projector (n, n) onto the k Ritz vectors)``; the
-    projector is what a correct implementation must reproduce (the vectors themselves are defined up to sign)."""
+def null_space_krylov(C: torch.Tensor, k: int, start: torch.Tensor, n_blocks: int, delta: float):
+    """The randomized null-space solver's steps in float64, written plainly: with ``M = (C + δI)⁻¹``, the blocks
+    ``Q₁ = orth(M · start)`` and ``Q_{i+1} = orth((I − KKᵀ) M Q_i)`` (K the blocks so far), ``n_blocks`` of them,
+    then Rayleigh–Ritz on M in ``span(K)``. Returns ``(values (k,) ascending = 1/θ − δ, projector (n, n) onto the k
+    Ritz vectors)``; the projector is what a correct implementation must reproduce (the vectors themselves are
+    defined up to sign and rotation)."""
     n = C.shape[-1]
     M = torch.linalg.inv(C.double() + delta * torch.eye(n, dtype=torch.float64))
-    Q = start.double()
-    for _ in range(n_iter):
-        Q = torch.linalg.qr(M @ Q).Q
-    Q = torch.linalg.qr(Q).Q
-    theta, V = torch.linalg.eigh(Q.t() @ M @ Q)
-    vectors = Q @ V[:, -k:]
+    Y = M @ start.double()
+    blocks = []
+    for _ in range(n_blocks):
+        if blocks:
+            K = torch.cat(blocks, 1)
+            Y = Y - K @ (K.t() @ Y)
+        blocks.append(torch.linalg.qr(Y).Q)
+        Y = M @ blocks[-1]
+    K = torch.linalg.qr(torch.cat(blocks, 1)).Q
+    theta, V = torch.linalg.eigh(K.t() @ M @ K)
+    vectors = K @ V[:, -k:]
     return (1.0 / theta[-k:] - delta).flip(0), vectors @ vectors.t()

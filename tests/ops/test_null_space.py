@@ -1,58 +1,89 @@
 """The null_space op (the randomized solver behind nullspace.randomized_smallest): dispatch, the torch backend's
 numerics (step by step against the float64 reference), its backend contract, and (CUDA only) the
 extension's backend against the torch one and against eigh."""
+import platform
+import sys
+
 import pytest
 import torch
 
 import loranull_kernels.backend as backend
 from loranull_kernels import _extension, nullspace
 from loranull_kernels.ops import null_space
-from loranull_kernels.ops.null_space import cuda_backend, torch_backend
+from loranull_kernels.ops.null_space import cuda_backend, lapack, torch_backend
 
 from ..test_nullspace import heavy_tailed, known_covariance
 
-OPTIONS = dict(oversample=nullspace.DEFAULT_OVERSAMPLE, n_iter=nullspace.DEFAULT_N_ITER, seed=0,
-               ridge=nullspace.RIDGE, precision="auto")
+OPTIONS = dict(oversample=nullspace.DEFAULT_OVERSAMPLE, n_iter=nullspace.DEFAULT_N_ITER, tol=nullspace.DEFAULT_TOL,
+               seed=0, ridge=nullspace.RIDGE, precision="auto")
 
 
 def unconverged_problem():
-    """A 64 × 64 covariance from a fixed generator, on which one iteration with 7 columns is far from converged:
+    """A 64 × 64 covariance from a fixed generator, on which two Krylov blocks of 7 columns are far from converged:
     the answer depends on every step and on the start, so matching it pins the numerics, not just correctness."""
     X = torch.randn(96, 64, generator=torch.Generator().manual_seed(2024), dtype=torch.float64)
     return X.t() @ X / 96
 
 
 @pytest.mark.parametrize("precision, tol", [("float64", 1e-9), ("float32", 2e-3)])
-def test_torch_backend_follows_the_float64_reference_step_by_step(precision, tol):
+@pytest.mark.parametrize("n_blocks", [1, 2])
+def test_torch_backend_follows_the_float64_reference_step_by_step(precision, tol, n_blocks):
     """On a problem far from converged the answer depends on every step and on the start: matching the plain
     float64 reference (same Gaussian start, same ridge) there checks the algorithm, not only the end result."""
     from loranull_kernels import reference
 
     C = unconverged_problem()
     with backend.use("torch"):
-        values, Q = null_space.smallest_eigenpairs(C, 3, oversample=4, n_iter=1, seed=0, ridge=nullspace.RIDGE,
-                                                   precision=precision)
-    start = torch.randn(64, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        values, Q, blocks = null_space.smallest_eigenpairs(C, 3, oversample=4, n_iter=n_blocks, tol=0.0, seed=0,
+                                                           ridge=nullspace.RIDGE, precision=precision)
+    assert blocks == n_blocks
+    dtype = torch.float64 if precision == "float64" else torch.float32  # the start is drawn in the working dtype
+    start = torch.randn(64, 7, generator=torch.Generator().manual_seed(0), dtype=dtype)
     delta = nullspace.RIDGE * C.diagonal().mean().item()
-    want_values, want_P = reference.null_space_iteration(C, 3, start, n_iter=1, delta=delta)
+    want_values, want_P = reference.null_space_krylov(C, 3, start, n_blocks=n_blocks, delta=delta)
     assert (values - want_values).abs().max() < tol * want_values.abs().max()
     assert (Q @ Q.t() - want_P).abs().max() < tol
     eigh_values = torch.linalg.eigvalsh(C)[:3]
-    assert (values - eigh_values).abs().max() > 1e-3, "the test problem must be unconverged to pin the steps"
-    public = nullspace.randomized_smallest(C, 3, oversample=4, n_iter=1, seed=0, precision=precision)
+    assert ((values - eigh_values) / eigh_values).max() > 5e-3, "the test problem must be unconverged to pin the steps"
+    public = nullspace.randomized_smallest(C, 3, oversample=4, n_iter=n_blocks, tol=0.0, seed=0, precision=precision)
     assert all(torch.equal(a, b) for a, b in zip(public, (values, Q)))
+
+
+def test_krylov_blocks_stop_when_the_ritz_estimate_converges():
+    """tol = 0 runs every block; a positive tol stops once a block lowers the estimate of the k smallest
+    eigenvalues' sum by at most tol (relative). Each block only adds to the basis, so the estimate never rises and
+    the answer with more blocks is at least as good."""
+    from loranull_kernels import reference
+
+    C = unconverged_problem()
+    run = lambda n_iter, tol: null_space.smallest_eigenpairs(C, 3, **dict(OPTIONS, oversample=4, n_iter=n_iter,  # noqa: E731
+                                                                          tol=tol, precision="float64"))
+    sums = [run(q, 0.0)[0].sum().item() for q in range(1, 7)]
+    assert all(a >= b - 1e-12 for a, b in zip(sums, sums[1:]))
+    exact = torch.linalg.eigvalsh(C)[:3].sum().item()
+    assert sums[-1] - exact < 1e-3 * exact < sums[0] - exact
+    drops = [(a - b) / b for a, b in zip(sums, sums[1:])]  # the relative fall the test sees at blocks 2, 3, ...
+    tol = (drops[2] + drops[3]) / 2 if drops[2] > drops[3] else None
+    assert tol is not None, "the falls must shrink on this problem for the test to pin the stopping block"
+    values, _, blocks = run(8, tol)
+    stop = next(q for q, d in enumerate(drops, start=2) if d <= tol)
+    assert blocks == stop and abs(values.sum().item() - sums[stop - 1]) < 1e-12
+    assert run(8, 0.0)[2] == 8 and run(8, 1e9)[2] == 2
+    start = torch.randn(64, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    delta = nullspace.RIDGE * C.diagonal().mean().item()
+    assert abs(reference.null_space_krylov(C, 3, start, 3, delta)[0].sum().item() - sums[2]) < 1e-9
 
 
 def test_dispatch_runs_the_torch_backend_on_cpu(monkeypatch):
     assert null_space.implementation(torch.zeros(2, 2)) is torch_backend
     assert null_space.implementation(torch.zeros(2, 2, dtype=torch.float64)) is torch_backend
     calls = []
-    for name in ("ridged_cholesky", "subspace_ritz"):
+    for name in ("ridged_cholesky", "krylov_ritz"):
         real = getattr(torch_backend, name)
         monkeypatch.setattr(torch_backend, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     C, _ = known_covariance(48, torch.linspace(0.1, 1, 48, dtype=torch.float64))
     null_space.smallest_eigenpairs(C.float(), 4, **OPTIONS)
-    assert calls == ["ridged_cholesky", "subspace_ritz"]
+    assert calls == ["ridged_cholesky", "krylov_ritz"]
     with backend.use("cuda"), pytest.raises(RuntimeError, match="CUDA extension"):
         null_space.smallest_eigenpairs(C, 4, **OPTIONS)
 
@@ -60,10 +91,10 @@ def test_dispatch_runs_the_torch_backend_on_cpu(monkeypatch):
 def test_float32_that_needs_a_larger_ridge_is_solved_in_float64(monkeypatch):
     C, _ = known_covariance(64, torch.cat([torch.full((4,), -1e-5), torch.ones(60)]).double())
     dtypes = []
-    real = torch_backend.subspace_ritz
-    monkeypatch.setattr(torch_backend, "subspace_ritz", lambda L, *a: dtypes.append(L.dtype) or real(L, *a))
-    values, Q = null_space.smallest_eigenpairs(C.float(), 4, **OPTIONS)
-    forced, _ = null_space.smallest_eigenpairs(C.float(), 4, **dict(OPTIONS, precision="float32"))
+    real = torch_backend.krylov_ritz
+    monkeypatch.setattr(torch_backend, "krylov_ritz", lambda L, *a: dtypes.append(L.dtype) or real(L, *a))
+    values, Q, _ = null_space.smallest_eigenpairs(C.float(), 4, **OPTIONS)
+    forced, _, _ = null_space.smallest_eigenpairs(C.float(), 4, **dict(OPTIONS, precision="float32"))
     assert dtypes == [torch.float64, torch.float32]
     assert values.max() < 0 and Q.shape == (64, 4) and forced.shape == (4,)
 
@@ -75,7 +106,18 @@ def gapped_batch(B, n, k, dtype=torch.float64, low=(-7, -6), high=(-3, 0)):
     return torch.stack([C for C, _ in pairs]).to(dtype), torch.stack([V[:, :k] for _, V in pairs])
 
 
-def test_ridged_cholesky_raises_the_ridge_of_the_failing_entries_only():
+def lapack_expected() -> bool:
+    """torch's Linux x86-64 CPU wheels (CI's) link MKL and export its LAPACK: the in-place path must be there."""
+    return sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_ridged_cholesky_raises_the_ridge_of_the_failing_entries_only(in_place, monkeypatch):
+    if in_place and not lapack.available():
+        assert not lapack_expected(), "LAPACK's potrf not found in torch's own library"
+        pytest.skip("this torch build exports no LAPACK: the cholesky_ex path (in_place=False) is what runs")
+    if not in_place:
+        monkeypatch.setattr(lapack, "supports", lambda A: False)
     good, _ = known_covariance(32, torch.linspace(0.5, 1, 32, dtype=torch.float64))
     bad, _ = known_covariance(32, torch.cat([torch.tensor([-5e-5]), torch.linspace(0.5, 1, 31)]).double())
     A = torch.stack([good, bad, good])
@@ -86,11 +128,36 @@ def test_ridged_cholesky_raises_the_ridge_of_the_failing_entries_only():
     assert torch.equal(used, raised)
     assert torch.equal(delta, torch.full((3,), 1e-6, dtype=torch.float64)), "the caller's ridges are not changed"
     shifted = before + used[:, None, None] * torch.eye(32, dtype=torch.float64)
-    assert (L @ L.transpose(-1, -2) - shifted).abs().max() < 1e-12
-    assert torch.equal(L, L.tril())
-    assert (A - before).abs().max() < 1e-15
-    none, tried = torch_backend.ridged_cholesky(A, delta, retries=1)
+    factor = L.tril()
+    assert (factor @ factor.transpose(-1, -2) - shifted).abs().max() < 1e-12
+    if in_place:  # factored where it lay: no second buffer, the strict upper triangle left as it was
+        assert L.data_ptr() == A.data_ptr() and torch.equal(A.triu(1), before.triu(1))
+    else:  # cholesky_ex: a separate, clean L, and A shifted back
+        assert torch.equal(L, L.tril()) and (A - before).abs().max() < 1e-15
+    none, tried = torch_backend.ridged_cholesky(before.clone(), delta, retries=1)
     assert none is None and torch.equal(tried, raised)  # 1e-6 and 1e-5 failed; 1e-4 would be next
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lapack_potrf_in_place_matches_torch_cholesky(dtype):
+    if not lapack.available():
+        assert not lapack_expected(), "LAPACK's potrf not found in torch's own library"
+        pytest.skip("this torch build exports no LAPACK")
+    X = torch.randn(70, 53, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    A = (X.t() @ X / 70 + 0.1 * torch.eye(53, dtype=torch.float64)).to(dtype)
+    M = A + torch.triu(torch.full_like(A, 7.0), 1)  # garbage above the diagonal: only the lower triangle is read
+    upper = M.triu(1)
+    assert lapack.potrf_(M) == 0
+    want = torch.linalg.cholesky(A)
+    eps = torch.finfo(dtype).eps
+    assert (M.tril() - want).abs().max() < 100 * eps * want.abs().max()
+    assert torch.equal(M.triu(1), upper), "the strict upper triangle is left as it was"
+    bad = torch.diag(torch.tensor([1.0, 2.0, -1.0, 3.0], dtype=dtype))
+    assert lapack.potrf_(bad) == 3, "info: the order of the first leading minor that is not positive definite"
+    for wrong in (A.t()[:, :50], A.half(), torch.zeros(3, 4, dtype=dtype)):
+        assert not lapack.supports(wrong)
+        with pytest.raises(ValueError, match="potrf_ needs"):
+            lapack.potrf_(wrong)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ def ridged_cholesky(A: torch.Tensor, delta: torch.Tensor, retries: int) -> tuple
     return (L if ok else None), delta
 
 
-def subspace_ritz(L: torch.Tensor, start: torch.Tensor, k: int, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`.torch_backend.subspace_ritz` (the contract) on CUDA tensors, in the extension."""
-    return _extension.load().nullspace_ritz(L.contiguous(), start.contiguous(), k, n_iter)
+def krylov_ritz(L: torch.Tensor, start: torch.Tensor, k: int, max_blocks: int,
+                tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`.torch_backend.krylov_ritz` (the contract) on CUDA tensors, in the extension."""
+    theta, vectors, blocks = _extension.load().nullspace_krylov(L.contiguous(), start.contiguous(), k, max_blocks,
+                                                                tol)
+    return theta, vectors, int(blocks)
