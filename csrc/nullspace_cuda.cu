@@ -7,15 +7,21 @@
 // of matrix addresses: only the entries that failed are shifted again (tenfold ridge) and refactored. Reading the
 // info array back synchronises the stream once per attempt, as the torch backend's check does.
 //
+// Block Krylov with a Rayleigh–Ritz test after each block (krylov_ritz): the torch backend's steps in its order.
 // Triangular solves: cuBLAS trsm, a loop of trsm for a few large matrices and trsmBatched otherwise, the rule
 // torch.linalg.solve_triangular applies on CUDA (cuBLAS documents trsmBatched as meant for small matrices). QRs:
-// cuSOLVER geqrf + orgqr (csrc/cuda_linalg.h, shared with rsvd). The l × l eigh and the two thin products of the
-// Ritz step go through ATen. Everything runs on torch's handles, bound to the caller's current stream; no kernels
-// of our own.
+// cuSOLVER geqrf + orgqr (csrc/cuda_linalg.h, shared with rsvd). The Gram–Schmidt products, the Gram matrices
+// KᵀK and WᵀW, the small (width × width) Ritz problems and the final Cholesky–QR go through ATen. Everything runs
+// on torch's handles, bound to the caller's current stream; no kernels of our own. The Ritz test reads a flag back
+// (the stopping decision, and whether the Gram matrix factored), so each test synchronises the stream, as the torch
+// backend's does.
 //
 // Layout (csrc/cuda_linalg.h): the row-major lower factor L is, in the column-major view, the upper triangular
 // U = Lᵀ, which is what potrf(UPPER) leaves there; L⁻¹ X is trsm(UPPER, T) and L⁻ᵀ X is trsm(UPPER, N). The
-// iterates are column-major n × l, stored as (l, n) torch tensors.
+// iterates (Y, the blocks Q_i of K, and W_i = L⁻¹Q_i) are column-major n × c, stored as (B, c, n) torch tensors,
+// i.e. transposed in torch's row-major view, so trsm and geqrf/orgqr work on them in place. The ATen products keep
+// that layout by writing the transposes out: KᵀY is Kt Ytᵀ, Y − K(KᵀY) is Yt − (Yt Ktᵀ) Kt, QᵢᵀQⱼ is Qᵢt Qⱼtᵀ.
+// What is returned is ordinary row-major: theta (B, k), vectors (B, n, k) = Σᵢ Qᵢtᵀ Vᵢ.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "nullspace.h"
@@ -25,16 +31,27 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/linalg_cholesky.h>
+#include <ATen/ops/linalg_cholesky_ex.h>
 #include <ATen/ops/linalg_eigh.h>
+#include <ATen/ops/linalg_eigvalsh.h>
+#include <ATen/ops/linalg_solve_triangular.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cublas_v2.h>
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 namespace loranull {
@@ -151,38 +168,122 @@ class CholeskySolves {
   at::Tensor index_, factors_;
 };
 
+// The Gram matrix of [*blocks, fresh] from S, that of `blocks` (undefined when empty): only the products with the
+// new block. Blocks are stored transposed, (B, c, n), so Xᵀ Y is Xt Ytᵀ. Appends `fresh` to `blocks`.
+at::Tensor grow(const at::Tensor& S, std::vector<at::Tensor>& blocks, const at::Tensor& fresh) {
+  at::Tensor corner = at::matmul(fresh, fresh.mT());
+  if (S.defined()) {
+    std::vector<at::Tensor> rows;
+    rows.reserve(blocks.size());
+    for (const at::Tensor& X : blocks) rows.push_back(at::matmul(X, fresh.mT()));
+    const at::Tensor cross = at::cat(rows, 1);
+    corner = at::cat({at::cat({S, cross}, 2), at::cat({cross.mT(), corner}, 2)}, 1);
+  }
+  blocks.push_back(fresh);
+  return corner;
+}
+
+// Rayleigh–Ritz in a basis K with Gram matrix G = KᵀK (≈ I) and M = Kᵀ(C + δI)⁻¹K, both (B, w, w) float64: the
+// generalized problem M v = θ G v, so a basis orthonormal only to float32 precision loses nothing more. (θ
+// ascending, V with VᵀGV = I, undefined unless `vectors`). Reading the Cholesky info back synchronises the stream,
+// as the torch backend's check does.
+std::tuple<at::Tensor, at::Tensor> ritz(const at::Tensor& G, const at::Tensor& M, bool vectors) {
+  const int64_t w = G.size(-1);
+  auto [R, info] = at::linalg_cholesky_ex(G);
+  at::Tensor T;
+  if (info.ne(0).any().item<bool>()) {  // a degenerate basis (an exhausted Krylov space): drop its null directions
+    auto [s, U] = at::linalg_eigh(G);
+    const at::Tensor keep = s.gt(s.narrow(-1, w - 1, 1).mul(1e-10));
+    const at::Tensor scale = at::where(keep, s.clamp_min(std::numeric_limits<double>::min()).rsqrt(),
+                                       at::zeros_like(s));
+    T = U.mul(scale.unsqueeze(-2));
+  } else {
+    T = at::linalg_solve_triangular(R.mT(), at::eye(w, G.options()), /*upper=*/true);  // R⁻ᵀ: TᵀGT = I
+  }
+  at::Tensor P = at::matmul(at::matmul(T.mT(), M), T);
+  P = P.add(P.mT()).div(2);
+  if (!vectors) return {at::linalg_eigvalsh(P), at::Tensor()};
+  auto [theta, V] = at::linalg_eigh(P);
+  return {theta, at::matmul(T, V)};
+}
+
+// Block Krylov on (L Lᵀ)⁻¹ with Rayleigh–Ritz after every block (why each step: the torch backend's krylov_ritz).
+// Every block is a transposed (B, c, n) tensor, the column-major n × c matrix the trsm and Householder calls work on
+// in place; the Gram–Schmidt and Gram products are ATen matmuls of the same tensors with the transposes written out.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> subspace_ritz(const at::Tensor& L, const at::Tensor& start, int64_t k,
-                                                 int64_t n_iter) {
-  const int64_t B = L.size(0), n = L.size(1), l = start.size(2);
+std::tuple<at::Tensor, at::Tensor, int64_t> krylov_ritz(const at::Tensor& L, const at::Tensor& start, int64_t k,
+                                                        int64_t max_blocks, double tol) {
+  const int64_t B = L.size(0), n = L.size(1), b = start.size(2);
+  max_blocks = std::max<int64_t>(1, std::min(max_blocks, (n + b - 1) / b));
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();            // bound to the current stream
   cusolverDnHandle_t solver = at::cuda::getCurrentCUDASolverDnHandle();  // bound to the current stream
   HostPointerMode pointer_mode(blas);
-  CholeskySolves<T> solves(blas, L, l);
 
-  // A fresh copy even when no cast is needed (l = 1 makes the transposed view contiguous): start is not ours.
-  at::Tensor Yt = start.transpose(1, 2).clone(at::MemoryFormat::Contiguous).to(L.scalar_type());
-  T* Y = Yt.data_ptr<T>();
-  Householder<T> qr(solver, L, B, l, {{Y, n}});
-  qr.orthonormalize(Y, n, n * l, B);
-  for (int64_t i = 0; i < n_iter; ++i) {
-    solves.lower(Y);
-    solves.lower_transposed(Y);
-    qr.orthonormalize(Y, n, n * l, B);
+  // A fresh copy even when start is already in this layout (b = 1 makes the transposed view contiguous): start is
+  // not ours to solve in place.
+  at::Tensor Yt = start.transpose(1, 2).clone(at::MemoryFormat::Contiguous);  // (B, b, n): Yᵀ
+  {
+    CholeskySolves<T> solves(blas, L, b);
+    solves.lower(Yt.data_ptr<T>());
+    solves.lower_transposed(Yt.data_ptr<T>());
   }
-  // The returned basis, orthonormal to float64 precision. For T = double this is Yt itself, no longer needed.
-  at::Tensor Qt = Yt.to(at::kDouble);
-  double* Q = Qt.data_ptr<double>();
-  Householder<double> qr64(solver, L, B, l, {{Q, n}});
-  qr64.orthonormalize(Q, n, n * l, B);
-  // Rayleigh–Ritz on (C + δI)⁻¹ (why: the torch backend): with W = L⁻¹Q, Qᵀ(C + δI)⁻¹Q = WᵀW.
-  at::Tensor Wt = Qt.to(L.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  solves.lower(Wt.data_ptr<T>());
-  const at::Tensor W64 = Wt.to(at::kDouble);  // (B, l, n): Wᵀ
-  auto eig = at::linalg_eigh(at::matmul(W64, W64.transpose(1, 2)));  // ascending θ: the last are C's smallest
-  at::Tensor theta = std::get<0>(eig).narrow(1, l - k, k).flip({1});
-  at::Tensor V = std::get<1>(eig).narrow(2, l - k, k).flip({2});
-  return {theta.contiguous(), at::matmul(Qt.transpose(1, 2), V).contiguous()};
+  // The library's Householder QR rather than at::linalg_qr: it works in place on the column-major n × b block the
+  // solves leave, with one workspace for every block and no info read back, where linalg_qr would copy the block
+  // into its own column-major buffer and out again on each call. Its Q is n × b like linalg_qr's reduced one.
+  Householder<T> qr(solver, L, B, b, {{Yt.data_ptr<T>(), n}});
+  std::vector<at::Tensor> blocks;  // the basis K, (B, c, n) each, working dtype
+  std::vector<at::Tensor> solved;  // W = L⁻¹K, block by block, same layout
+  at::Tensor G, M, theta, V, previous;
+  int64_t width = 0;  // the basis size so far
+  int64_t q = 1;
+  for (; q <= max_blocks; ++q) {
+    if (!blocks.empty()) {
+      const at::Tensor Kt = at::cat(blocks, 1);
+      // Y − K(KᵀY) transposed: Yt − (Yt Kᵀ) Kt, classical Gram–Schmidt twice.
+      for (int pass = 0; pass < 2; ++pass) Yt = at::baddbmm(Yt, at::matmul(Yt, Kt.mT()), Kt, 1, -1);
+    }
+    qr.orthonormalize(Yt.data_ptr<T>(), n, n * b, B);
+    // A last block that would overflow n keeps its first n − width columns: the basis then spans the whole space.
+    // Only ever the last (max_blocks ≤ ⌈n / b⌉), so every block the Householder QR sees is n × b.
+    const int64_t cols = std::min(b, n - width);
+    const at::Tensor Qt = cols == b ? Yt : Yt.narrow(1, 0, cols).contiguous();
+    width += cols;
+    at::Tensor Zt = Qt.clone();
+    CholeskySolves<T> solves(blas, L, cols);
+    solves.lower(Zt.data_ptr<T>());
+    G = grow(G, blocks, Qt);
+    M = grow(M, solved, Zt);
+    const bool last = q == max_blocks;
+    if (tol > 0 && !last) {
+      // From the second block on with the vectors: when the test stops the iteration they are the answer.
+      std::tie(theta, V) = ritz(G.to(at::kDouble), M.to(at::kDouble), /*vectors=*/q >= 2);
+      const at::Tensor energy = theta.narrow(-1, width - k, k).reciprocal().sum(-1);
+      if (previous.defined() && previous.sub(energy).le(energy.mul(tol)).all().item<bool>()) break;
+      previous = energy;
+    } else {
+      V = at::Tensor();
+    }
+    if (!last) {
+      Yt = Zt.clone();  // Zt stays in `solved` for the later blocks' M
+      solves.lower_transposed(Yt.data_ptr<T>());
+    }
+  }
+  if (q > max_blocks) q = max_blocks;  // the loop ran out rather than stopping at the test
+  if (!V.defined()) std::tie(theta, V) = ritz(G.to(at::kDouble), M.to(at::kDouble), /*vectors=*/true);
+  const at::Tensor top = V.narrow(-1, width - k, k).flip({-1}).to(L.scalar_type());  // (B, width, k)
+  // K V block by block, without concatenating K (n × width) once more.
+  at::Tensor vectors;
+  int64_t offset = 0;
+  for (const at::Tensor& X : blocks) {
+    const at::Tensor part = at::matmul(X.mT(), top.narrow(1, offset, X.size(1)));  // (B, n, k)
+    vectors = vectors.defined() ? vectors.add(part) : part;
+    offset += X.size(1);
+  }
+  vectors = vectors.to(at::kDouble);
+  // ≈ I: one Cholesky–QR pass makes the vectors orthonormal to float64 precision.
+  const at::Tensor R = at::linalg_cholesky(at::matmul(vectors.mT(), vectors), /*upper=*/true);
+  vectors = at::linalg_solve_triangular(R, vectors, /*upper=*/true, /*left=*/false);
+  return {theta.narrow(-1, width - k, k).flip({-1}).contiguous(), vectors.contiguous(), q};
 }
 
 }  // namespace
@@ -210,23 +311,30 @@ std::tuple<at::Tensor, at::Tensor, bool> nullspace_cholesky_cuda(const at::Tenso
   return {L, used.to(delta.options()), ok};
 }
 
-std::tuple<at::Tensor, at::Tensor> nullspace_ritz_cuda(const at::Tensor& L, const at::Tensor& start, int64_t k,
-                                                       int64_t n_iter) {
-  check_working_dtype(L, "nullspace_ritz", "L");
-  check_operand(L, "nullspace_ritz", "L", L, L.scalar_type());
-  check_operand(start, "nullspace_ritz", "start", L, at::kDouble);
-  const int64_t B = L.size(0), n = L.size(1), l = start.size(2);
-  TORCH_CHECK(L.size(2) == n, "nullspace_ritz: L must be (B, n, n), got ", L.sizes());
-  TORCH_CHECK(start.size(0) == B && start.size(1) == n, "nullspace_ritz: start must be (", B, ", ", n,
-              ", l), got ", start.sizes());
-  TORCH_CHECK(1 <= k && k <= l && l < n, "nullspace_ritz: need 1 <= k (", k, ") <= l (", l, ") < n (", n, ")");
-  TORCH_CHECK(n_iter >= 0, "nullspace_ritz: n_iter must be >= 0, got ", n_iter);
+std::tuple<at::Tensor, at::Tensor, int64_t> nullspace_krylov_cuda(const at::Tensor& L, const at::Tensor& start,
+                                                                  int64_t k, int64_t max_blocks, double tol) {
+  check_working_dtype(L, "nullspace_krylov", "L");
+  check_operand(L, "nullspace_krylov", "L", L, L.scalar_type());
+  check_operand(start, "nullspace_krylov", "start", L, L.scalar_type());
+  const int64_t B = L.size(0), n = L.size(1), b = start.size(2);
+  TORCH_CHECK(L.size(2) == n, "nullspace_krylov: L must be (B, n, n), got ", L.sizes());
+  TORCH_CHECK(start.size(0) == B && start.size(1) == n, "nullspace_krylov: start must be (", B, ", ", n,
+              ", b), got ", start.sizes());
+  TORCH_CHECK(1 <= k && k <= b && b < n, "nullspace_krylov: need 1 <= k (", k, ") <= b (", b, ") < n (", n, ")");
+  TORCH_CHECK(tol >= 0, "nullspace_krylov: tol must be >= 0, got ", tol);  // false for NaN too
   c10::cuda::CUDAGuard device_guard(L.device());
-  if (B == 0) return {at::empty({0, k}, start.options()), at::empty({0, n, k}, start.options())};
+  const auto float64 = start.options().dtype(at::kDouble);
+  if (B == 0) {
+    // What the torch backend returns on an empty batch: its test holds vacuously ("every entry converged") at the
+    // first block that has a previous estimate, block 2, unless tol = 0 or the cap comes first.
+    max_blocks = std::max<int64_t>(1, std::min(max_blocks, (n + b - 1) / b));
+    const int64_t used = tol > 0 ? std::min<int64_t>(2, max_blocks) : max_blocks;
+    return {at::empty({0, k}, float64), at::empty({0, n, k}, float64), used};
+  }
 
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "nullspace_ritz",
-                             [&] { out = subspace_ritz<scalar_t>(L, start, k, n_iter); });
+  std::tuple<at::Tensor, at::Tensor, int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "nullspace_krylov",
+                             [&] { out = krylov_ritz<scalar_t>(L, start, k, max_blocks, tol); });
   return out;
 }
 

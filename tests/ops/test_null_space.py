@@ -217,16 +217,20 @@ def test_gpu_cholesky_matches_torch_with_the_same_retries(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B, n, k, oversample", [(1, 300, 6, 10), (3, 257, 5, 16), (12, 48, 3, 5)])
+@pytest.mark.parametrize("B, n, k, oversample", [(1, 300, 6, 10), (3, 257, 5, 16), (12, 48, 3, 5), (2, 20, 3, 5)])
 def test_gpu_ritz_matches_torch_backend(dtype, B, n, k, oversample):
-    """(12, 48): the trsmBatched path; the others: the loop of trsm. Both backends iterate from the same factor."""
+    """(12, 48) and (2, 20): the trsmBatched path; the others: the loop of trsm. (2, 20): the third block of 8 is cut
+    to the 4 dimensions left, and the basis spans the whole space. Both backends run 3 blocks (tol = 0) from the same
+    factor (the extension's) and the same start, drawn in its dtype."""
     C, V = gapped_batch(B, n, k, low=(-4, -3.5), high=(-2, 0))  # κ ≈ 1e4: float32 solves keep ~3 digits
-    L, _ = torch_backend.ridged_cholesky(C.to(dtype).cuda(), torch.full((B,), 1e-8, dtype=torch.float64,
-                                                                       device="cuda"), retries=6)
-    start = torch.randn(B, n, k + oversample, dtype=torch.float64, device="cuda")
-    theta, Q = cuda_backend.subspace_ritz(L, start, k, 2)
-    theta_t, Q_t = torch_backend.subspace_ritz(L, start, k, 2)
+    L, _ = cuda_backend.ridged_cholesky(C.to(dtype).cuda(), torch.full((B,), 1e-8, dtype=torch.float64,
+                                                                      device="cuda"), retries=6)
+    start = torch.randn(B, n, k + oversample, dtype=dtype, generator=torch.Generator().manual_seed(0)).cuda()
+    theta, Q, blocks = cuda_backend.krylov_ritz(L, start, k, 3, 0.0)
+    theta_t, Q_t, blocks_t = torch_backend.krylov_ritz(L, start, k, 3, 0.0)
+    assert blocks == blocks_t == 3
     assert theta.shape == (B, k) and Q.shape == (B, n, k) and theta.dtype == Q.dtype == torch.float64
+    assert theta.device == Q.device == L.device
     assert torch.all(theta[:, :-1] >= theta[:, 1:])
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     assert ((theta - theta_t).abs() / theta_t).max() < tol and projector_gap(Q, Q_t) < tol
@@ -235,12 +239,38 @@ def test_gpu_ritz_matches_torch_backend(dtype, B, n, k, oversample):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_ritz_stops_at_the_torch_backend_block(dtype):
+    """tol > 0: both backends stop at the same block. On unconverged_problem the relative falls of the estimate
+    shrink tenfold and more per block, so a tol halfway (geometrically) between the falls at blocks 3 and 4 pins the
+    stop at block 4 far from any rounding difference between the backends. Two entries, the second shifted, so the
+    stop waits for both."""
+    C = unconverged_problem().to(dtype).repeat(2, 1, 1)
+    C[1] += 0.05 * torch.eye(64, dtype=dtype)
+    delta = torch.full((2,), nullspace.RIDGE * C[0].diagonal().mean().item(), dtype=torch.float64, device="cuda")
+    L, _ = cuda_backend.ridged_cholesky(C.cuda(), delta, retries=6)
+    start = torch.randn(2, 64, 7, dtype=dtype, generator=torch.Generator().manual_seed(0)).cuda()
+    energy = [(1 / torch_backend.krylov_ritz(L, start, 3, q, 0.0)[0]).sum(-1) for q in range(1, 5)]
+    falls = [((a - b) / b).max().item() for a, b in zip(energy, energy[1:])]  # the test's falls at blocks 2, 3, 4
+    assert falls[0] > falls[1] > 10 * falls[2], "the falls must shrink for the test to pin the stopping block"
+    tol = (falls[1] * falls[2]) ** 0.5
+    theta, Q, blocks = cuda_backend.krylov_ritz(L, start, 3, 8, tol)
+    theta_t, Q_t, blocks_t = torch_backend.krylov_ritz(L, start, 3, 8, tol)
+    assert blocks == blocks_t == 4
+    close = 1e-3 if dtype == torch.float32 else 1e-9
+    assert ((theta - theta_t).abs() / theta_t).max() < close and projector_gap(Q, Q_t) < close
+    assert (Q.transpose(-1, -2) @ Q - torch.eye(3, dtype=torch.float64, device="cuda")).abs().max() < 1e-12
+    # A tol nothing falls by more than: both stop at the first test that has a previous estimate, block 2.
+    assert cuda_backend.krylov_ritz(L, start, 3, 8, 1e9)[2] == torch_backend.krylov_ritz(L, start, 3, 8, 1e9)[2] == 2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["auto", "float64"])
 def test_gpu_end_to_end_agrees_with_torch_backend_and_eigh(precision):
     C, V = gapped_batch(3, 400, 8, torch.float32)
-    values, Q = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
+    values, Q, _ = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
     with backend.use("torch"):
-        values_t, Q_t = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
+        values_t, Q_t, _ = null_space.smallest_eigenpairs(C.cuda(), 8, **dict(OPTIONS, precision=precision))
     assert values.device.type == "cuda" and Q.shape == (3, 400, 8)
     # The spectrum of test_nullspace.py's gapped test: float32 rounding of C is ~eps · ‖C‖ = 6e-8, the size of the
     # smallest eigenvalues, so float32 factorisations differ at 1e-6 and the subspaces at ~1e-3.
@@ -252,9 +282,9 @@ def test_gpu_end_to_end_agrees_with_torch_backend_and_eigh(precision):
 @pytest.mark.gpu
 def test_gpu_float32_fallback_and_ridge_match_the_torch_backend():
     C, _ = known_covariance(128, torch.cat([torch.full((4,), -1e-5), torch.ones(124)]).double())
-    values, Q = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
+    values, Q, _ = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
     with backend.use("torch"):
-        values_t, Q_t = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
+        values_t, Q_t, _ = null_space.smallest_eigenpairs(C.float().cuda(), 4, **OPTIONS)
     assert values.max() < 0 and (values - values_t).abs().max() < 1e-9 and projector_gap(Q, Q_t) < 1e-6
     with pytest.raises(ValueError, match="positive semi-definite"):
         null_space.smallest_eigenpairs(torch.diag(torch.tensor([-10.0] + [1.0] * 63)).cuda(), 4, **OPTIONS)
@@ -266,7 +296,7 @@ def test_gpu_leak_within_1_1x_of_eigh_on_held_out_heavy_tailed_activations():
     X, held = heavy_tailed(n, 2048, seed=3)
     C = (X.t() @ X / X.shape[0]).cuda()
     _, exact = nullspace.smallest_eigenvectors(C, k, method="eigh")
-    _, fast = null_space.smallest_eigenpairs(C, k, **OPTIONS)
+    _, fast, _ = null_space.smallest_eigenpairs(C, k, **OPTIONS)
     exact_leak = nullspace.leak(held.cuda(), exact.t())
     fast_leak = nullspace.leak(held.cuda(), fast.float().t())
     assert fast_leak <= 1.1 * exact_leak
