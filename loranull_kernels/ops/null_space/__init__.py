@@ -23,6 +23,11 @@ IMPLEMENTATIONS = {"cuda": cuda_backend, "torch": torch_backend}
 PRECISIONS = ("auto", "float32", "float64")
 # How many times the ridge may be raised tenfold before C counts as far from PSD.
 RIDGE_RETRIES = 6
+# precision="auto" tries float32 only up to this size. A float32 Cholesky's rounding error grows with n (its
+# backward error is up to ~n · eps₃₂ · ‖C‖): on the project's CPU a heavy-tailed n = 11008 covariance (22,016
+# tokens) failed in float32 at the first ridge after 2.4 s, and the float64 factorisation then took the rest of the
+# 11 s (8.0 s when float64 is the first try); at n = 4096 (8,192 tokens) and on real activations float32 factored.
+AUTO_FLOAT32_UP_TO = 8192
 
 
 def _validate(C, k, oversample, n_iter, tol, precision) -> tuple[int, int, int]:
@@ -68,7 +73,8 @@ def smallest_eigenpairs(C: torch.Tensor, k: int, *, oversample: int, n_iter: int
         n_iter: ``≥ 1``, the most Krylov blocks. tol: ``≥ 0``, the convergence test between blocks (0: run n_iter).
         seed: of the Gaussian start (None: torch's global generator). ridge: the first δ relative to tr(C)/n,
             raised tenfold up to :data:`RIDGE_RETRIES` times. precision: ``"auto"`` (float32 when its factorisation
-            succeeds at the first ridge, else float64; float64 for float64 C), ``"float32"`` or ``"float64"``.
+            succeeds at the first ridge, else float64; float64 for float64 C and above :data:`AUTO_FLOAT32_UP_TO`),
+            ``"float32"`` or ``"float64"``.
     Returns:
         ``values (…, k)`` ascending and ``vectors (…, n, k)`` orthonormal, float64, on C's device, and the number
         of Krylov blocks used.
@@ -79,7 +85,8 @@ def smallest_eigenpairs(C: torch.Tensor, k: int, *, oversample: int, n_iter: int
     k, oversample, n_iter = _validate(C, k, oversample, n_iter, tol, precision)
     batched = C.dim() == 3
     n, l = C.shape[-1], k + oversample
-    use_float64 = precision == "float64" or (precision == "auto" and C.dtype == torch.float64)
+    use_float64 = precision == "float64" or (precision == "auto" and (C.dtype == torch.float64
+                                                                        or n > AUTO_FLOAT32_UP_TO))
     first = torch.float64 if use_float64 else torch.float32
     # The Cholesky reads A's lower triangle only, and the Ritz matrix is symmetrised: A need not be exactly
     # symmetric. A copy also of an input in the working dtype: the backends may factor it in place.

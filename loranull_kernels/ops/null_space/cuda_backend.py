@@ -1,6 +1,6 @@
 """The CUDA backend of ``null_space``: the compiled extension ``loranull_kernels._C`` (csrc/nullspace_cuda.cu),
 loaded or JIT-built by :mod:`loranull_kernels._extension`; cuSOLVER batched Cholesky and Householder QRs, cuBLAS
-triangular solves, the l × l eigh through ATen."""
+triangular solves, and ATen for the block products and the small Rayleigh–Ritz problems."""
 from __future__ import annotations
 
 import torch
