@@ -183,9 +183,10 @@ at::Tensor grow(const at::Tensor& S, std::vector<at::Tensor>& blocks, const at::
   return corner;
 }
 
-// Rayleigh–Ritz in a basis K with Gram matrix G = KᵀK (≈ I) and M = Kᵀ(C + δI)⁻¹K, both (B, w, w) float64: the
-// generalized problem M v = θ G v, so a basis orthonormal only to float32 precision loses nothing more. (θ
-// ascending, V with VᵀGV = I, undefined unless `vectors`). Reading the Cholesky info back synchronises the stream,
+// Rayleigh–Ritz in a basis K with Gram matrix G = KᵀK (≈ I) and M = Kᵀ(C + δI)⁻¹K, both (B, w, w) in the working
+// dtype (why not float64: the torch backend's krylov_ritz): the generalized problem M v = θ G v, so a basis
+// orthonormal only to the working precision loses nothing more. (θ ascending, V with VᵀGV = I, undefined unless
+// `vectors`). Reading the Cholesky info back synchronises the stream,
 // as the torch backend's check does.
 std::tuple<at::Tensor, at::Tensor> ritz(const at::Tensor& G, const at::Tensor& M, bool vectors) {
   const int64_t w = G.size(-1);
@@ -194,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor> ritz(const at::Tensor& G, const at::Tensor& M
   if (info.ne(0).any().item<bool>()) {  // a degenerate basis (an exhausted Krylov space): drop its null directions
     auto [s, U] = at::linalg_eigh(G);
     const at::Tensor keep = s.gt(s.narrow(-1, w - 1, 1).mul(1e-10));
-    const at::Tensor scale = at::where(keep, s.clamp_min(std::numeric_limits<double>::min()).rsqrt(),
-                                       at::zeros_like(s));
+    const double tiny = G.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
+                                                      : std::numeric_limits<double>::min();
+    const at::Tensor scale = at::where(keep, s.clamp_min(tiny).rsqrt(), at::zeros_like(s));
     T = U.mul(scale.unsqueeze(-2));
   } else {
     T = at::linalg_solve_triangular(R.mT(), at::eye(w, G.options()), /*upper=*/true);  // R⁻ᵀ: TᵀGT = I
@@ -256,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> krylov_ritz(const at::Tensor& L, con
     const bool last = q == max_blocks;
     if (tol > 0 && !last) {
       // From the second block on with the vectors: when the test stops the iteration they are the answer.
-      std::tie(theta, V) = ritz(G.to(at::kDouble), M.to(at::kDouble), /*vectors=*/q >= 2);
-      const at::Tensor energy = theta.narrow(-1, width - k, k).reciprocal().sum(-1);
+      std::tie(theta, V) = ritz(G, M, /*vectors=*/q >= 2);
+      const at::Tensor energy = theta.narrow(-1, width - k, k).to(at::kDouble).reciprocal().sum(-1);
       if (previous.defined() && previous.sub(energy).le(energy.mul(tol)).all().item<bool>()) break;
       previous = energy;
     } else {
@@ -269,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> krylov_ritz(const at::Tensor& L, con
     }
   }
   if (q > max_blocks) q = max_blocks;  // the loop ran out rather than stopping at the test
-  if (!V.defined()) std::tie(theta, V) = ritz(G.to(at::kDouble), M.to(at::kDouble), /*vectors=*/true);
-  const at::Tensor top = V.narrow(-1, width - k, k).flip({-1}).to(L.scalar_type());  // (B, width, k)
+  if (!V.defined()) std::tie(theta, V) = ritz(G, M, /*vectors=*/true);
+  const at::Tensor top = V.narrow(-1, width - k, k).flip({-1});  // (B, width, k), working dtype
   // K V block by block, without concatenating K (n × width) once more.
   at::Tensor vectors;
   int64_t offset = 0;
@@ -283,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> krylov_ritz(const at::Tensor& L, con
   // ≈ I: one Cholesky–QR pass makes the vectors orthonormal to float64 precision.
   const at::Tensor R = at::linalg_cholesky(at::matmul(vectors.mT(), vectors), /*upper=*/true);
   vectors = at::linalg_solve_triangular(R, vectors, /*upper=*/true, /*left=*/false);
-  return {theta.narrow(-1, width - k, k).flip({-1}).contiguous(), vectors.contiguous(), q};
+  return {theta.narrow(-1, width - k, k).flip({-1}).to(at::kDouble).contiguous(), vectors.contiguous(), q};
 }
 
 }  // namespace
