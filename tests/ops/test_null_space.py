@@ -56,8 +56,11 @@ def test_krylov_blocks_stop_when_the_ritz_estimate_converges():
     from loranull_kernels import reference
 
     C = unconverged_problem()
-    run = lambda n_iter, tol: null_space.smallest_eigenpairs(C, 3, **dict(OPTIONS, oversample=4, n_iter=n_iter,  # noqa: E731
-                                                                          tol=tol, precision="float64"))
+
+    def run(n_iter, tol):
+        return null_space.smallest_eigenpairs(C, 3, **dict(OPTIONS, oversample=4, n_iter=n_iter, tol=tol,
+                                                           precision="float64"))
+
     sums = [run(q, 0.0)[0].sum().item() for q in range(1, 7)]
     assert all(a >= b - 1e-12 for a, b in zip(sums, sums[1:]))
     exact = torch.linalg.eigvalsh(C)[:3].sum().item()

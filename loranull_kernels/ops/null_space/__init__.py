@@ -2,10 +2,10 @@
 iteration on the inverse, batched over same-shape matrices (the solver of :func:`loranull_kernels.nullspace.
 randomized_smallest`, which documents the method; docs/design.md, "The other ops").
 
-Validation, the working copy, the precision policy (float32 first, float64 when float32 needs a larger ridge), the
-random start and dispatch live here; the backends (:data:`IMPLEMENTATIONS`) each provide the two steps
-``ridged_cholesky`` and ``krylov_ritz``: ``cuda_backend.py``, the CUDA extension (csrc/nullspace_cuda.cu), on CUDA
-tensors when it is available, and ``torch_backend.py`` (the contract) everywhere else or under
+Validation, the working copy, the precision policy (float32 first, float64 when float32 needs a larger ridge or
+n > :data:`AUTO_FLOAT32_UP_TO`), the random start and dispatch live here; the backends (:data:`IMPLEMENTATIONS`)
+each provide the two steps ``ridged_cholesky`` and ``krylov_ritz``: ``cuda_backend.py``, the CUDA extension
+(csrc/nullspace_cuda.cu), on CUDA tensors when it is available, and ``torch_backend.py`` (the contract) everywhere else or under
 ``backend.use("torch")``. The start is drawn here for both, so a seed gives the same answer on either path up to
 floating-point rounding.
 """

@@ -1,10 +1,10 @@
 """The PyTorch backend of ``null_space`` (the reference of the contract); the CUDA backend
 (csrc/nullspace_cuda.cu) runs the same two steps.
 
-:func:`ridged_cholesky` factors ``C + δI`` with the ridge retries; :func:`krylov_ritz` runs the block Krylov
-iteration on ``(C + δI)⁻¹`` from that factor, with a Rayleigh–Ritz step after each block. The policy between them (which precision,
-when to give up) is the op's, in ``__init__.py``. Both are batched over a leading dim by the same torch.linalg calls
-(cuSOLVER / LAPACK).
+:func:`ridged_cholesky` factors ``C + δI`` with the ridge retries (on the CPU through LAPACK in place,
+``lapack.py``); :func:`krylov_ritz` runs the block Krylov iteration on ``(C + δI)⁻¹`` from that factor, with a
+Rayleigh–Ritz step after each block. The policy between them (which precision, when to give up) is the op's, in
+``__init__.py``. Both are batched over a leading dim by the same torch.linalg calls (cuSOLVER / LAPACK).
 """
 from __future__ import annotations
 
