@@ -20,9 +20,10 @@ from .ops import null_space
 _EIGH_DTYPES = (torch.float32, torch.float64)
 _METHODS = ("auto", "eigh", "randomized")
 
-# "auto" runs eigh below this size: exact, and the cheaper or no slower one there. Measured on the project's 2-core
-# CPU (k = n/64, i^-1 spectrum, best of 3, machine shared with other jobs): eigh / randomized = 0.7-1.0x at n = 128,
-# 2.3x at 256 (one thread), 2.3-5.7x at 512, 3.4-12x at 1024, 11-14x at 2048. Below 512 both take milliseconds.
+# "auto" runs eigh below this size: exact, and below it both take milliseconds. Measured on the project's 2-core
+# CPU (k = max(4, n/64), i^-1 spectrum under a random rotation, 2n tokens, best of 5, quiet machine, the Krylov
+# solver): eigh / randomized = 1.1x at n = 256 (2.9 vs 2.7 ms), 1.6x at 384, 2.7x at 512 (10 vs 3.7 ms), 3.9x at
+# 768, 5.4x at 1024, 8.3x at 2048.
 AUTO_EIGH_BELOW = 512
 DEFAULT_OVERSAMPLE = 16
 # The randomized solver's Krylov blocks: at most DEFAULT_N_ITER, fewer when the Ritz estimate of the k smallest
