@@ -1,4 +1,4 @@
-"""Null-space solver benchmark (issue 14): ``smallest_eigenvectors`` by eigh vs by randomized subspace iteration.
+"""Null-space solver benchmark (issue 14): ``smallest_eigenvectors`` by eigh vs by the randomized block Krylov solver.
 
 1. ``leak`` (timed in ``--rounds`` alternating rounds: a ratio per round, median and spread): a float32-accumulated
    covariance of ``tokens`` activations with a heavy-tailed spectrum (feature scales

@@ -95,7 +95,7 @@ def test_null_space_adapter_leaks_far_less_than_a_random_one():
     assert nullspace.leak(held_out, Q.t()) < 1e-3 * nullspace.leak(held_out, random_A)
 
 
-# ---- the randomized solver (subspace iteration on C⁻¹) ----------------------------------------------------------
+# ---- the randomized solver (block Krylov iteration on C⁻¹) -------------------------------------------------------
 
 def heavy_tailed(n, tokens, seed):
     """Calibration and held-out activations sharing a rotated ``i^-1`` feature spectrum (float32, like calibration)."""

@@ -2,7 +2,7 @@
 
 A randomized SVD finds only the top components; the minor ones come from
 :func:`~loranull_kernels.nullspace.minor_singular_components` (``method="auto"``): the full SVD for small layers,
-else the smallest eigenvectors of the smaller Gram matrix of W by randomized subspace iteration on its inverse
+else the smallest eigenvectors of the smaller Gram matrix of W by a randomized block Krylov iteration on its inverse
 (principal angles to the exact minor subspace: benchmarks/results/nullspace_*.csv). The reference code uses
 alpha = r (s = 1) for MiLoRA: keep that convention when comparing with plain LoRA at alpha = 2r.
 """
