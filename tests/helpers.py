@@ -7,8 +7,13 @@ import torch
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "tensor", tol: float | None = None):
-    """Max abs error ≤ tol · max(1, max|expected|); NaN/Inf in `actual` always fails."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "tensor",
+                 tol: float | None = None, magnitude: torch.Tensor | None = None):
+    """Max abs error ≤ tol · max(1, max|expected|); NaN/Inf in `actual` always fails.
+
+    ``magnitude``: where an entry is a sum that can cancel, the size of what was summed (the same computation on
+    absolute values), whose max replaces max|expected| when larger: rounding error scales with it, not with the
+    result."""
     assert actual is not None, f"{name}: got None"
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64).cpu()
@@ -16,6 +21,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert torch.isfinite(a).all(), f"{name}: non-finite values"
     tol = TOL[dtype] if tol is None else tol
     scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    if magnitude is not None and magnitude.numel():
+        scale = max(scale, magnitude.detach().to(torch.float64).abs().max().item())
     err = (a - e).abs().max().item() if e.numel() else 0.0
     assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} × scale {scale:.3e}"
 
