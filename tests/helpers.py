@@ -85,3 +85,17 @@ def gloo_worker(rank: int, world_size: int, port: int, out_dir: str, body) -> No
         dist.destroy_process_group()
         raise
     os._exit(0)
+
+
+def magnitudes(run, leaves: dict, grad_out: torch.Tensor):
+    """The same float64 computation on absolute values: the size of what each output and gradient entry sums, which
+    float32 rounding scales with (:func:`assert_close`'s ``magnitude``). Fresh random inputs now and then make a
+    sum cancel, and a tolerance scaled by the result alone then fails on correct code.
+
+    ``run(leaves) -> output`` on a dict of float64 leaves (None stays None); returns the output and the leaves'
+    gradients (None where a leaf is None or takes no gradient)."""
+    mag = {k: None if v is None else f64(v, requires_grad=False).abs().requires_grad_(v.requires_grad)
+           for k, v in leaves.items()}
+    out = run(mag)
+    out.backward(f64(grad_out).abs())
+    return out, {k: None if v is None else v.grad for k, v in mag.items()}

@@ -10,7 +10,7 @@ import loranull_kernels as lk
 from loranull_kernels import reference
 from loranull_kernels.ops.lora_linear import keep_mask
 
-from ..helpers import assert_close, f64
+from ..helpers import assert_close, f64, magnitudes
 
 LAYOUTS = ["strided", "transposed", "offset", "expanded"]
 
@@ -84,15 +84,14 @@ def check_lora_linear_in_layout(backend: str, layout: str, dropout_p: float, dty
         dropout_p=dropout_p, rank_scale=ref_args["rank_scale"], mask_A=args["mask_A"].contiguous(),
         mask_B=args["mask_B"].contiguous(), keep_mask=km)
     y_ref.backward(f64(gy.contiguous()))
-    # Fresh random inputs now and then make a sum cancel (a rank's Σₙ dy·B, say), and float32 rounding scales with
-    # the size of what was summed, not with the result: the same reference on absolute values gives that size.
-    mag = {name: f64(t.detach()).abs().requires_grad_(True) for name, t in leaves.items()}
-    mag_args = {name: lay_out(t, layout).contiguous() for name, t in mag.items()}
-    y_mag = reference.lora_linear(
-        mag_args["x"], f64(w.contiguous()).abs(), mag_args["lora_A"], mag_args["lora_B"], scaling,
-        bias=mag_args["bias"], dropout_p=dropout_p, rank_scale=mag_args["rank_scale"],
-        mask_A=args["mask_A"].contiguous(), mask_B=args["mask_B"].contiguous(), keep_mask=km)
-    y_mag.backward(f64(gy.contiguous()).abs())
+    def on_absolute_values(m):
+        a = {name: lay_out(t, layout).contiguous() for name, t in m.items()}
+        return reference.lora_linear(
+            a["x"], f64(w.contiguous()).abs(), a["lora_A"], a["lora_B"], scaling, bias=a["bias"],
+            dropout_p=dropout_p, rank_scale=a["rank_scale"], mask_A=args["mask_A"].contiguous(),
+            mask_B=args["mask_B"].contiguous(), keep_mask=km)
+
+    y_mag, grad_mag = magnitudes(on_absolute_values, leaves, gy.contiguous())
     assert_close(y, y_ref, dtype, "y", magnitude=y_mag)
     for name, leaf in leaves.items():
-        assert_close(leaf.grad, ref[name].grad, dtype, f"d{name}", magnitude=mag[name].grad)
+        assert_close(leaf.grad, ref[name].grad, dtype, f"d{name}", magnitude=grad_mag[name])

@@ -9,7 +9,7 @@ from loranull_kernels import reference
 from loranull_kernels.ops.lora_linear import keep_mask
 
 from ..conftest import DEVICE
-from ..helpers import assert_close, f64
+from ..helpers import assert_close, f64, magnitudes
 
 BACKENDS = ["torch", "triton"]
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -66,9 +66,13 @@ def run_and_compare(backend, x, weight, A, B, kw, dtype, seed=1234):
         mask_A=kw.get("mask_A"), mask_B=kw.get("mask_B"), keep_mask=km,
     )
     y_ref.backward(f64(grad_y))
+    y_mag, grad_mag = magnitudes(lambda m: reference.lora_linear(
+        m["x"], f64(weight).abs(), m["lora_A"], m["lora_B"], abs(kw["scaling"]), bias=m["bias"], dropout_p=p,
+        rank_scale=m["rank_scale"], mask_A=kw.get("mask_A"), mask_B=kw.get("mask_B"), keep_mask=km,
+    ), leaves, grad_y)
 
     assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.shape[0],)
-    assert_close(y, y_ref, dtype, "y")
+    assert_close(y, y_ref, dtype, "y", magnitude=y_mag)
     for name, leaf in leaves.items():
         if leaf is None:
             continue
@@ -77,7 +81,7 @@ def run_and_compare(backend, x, weight, A, B, kw, dtype, seed=1234):
             continue
         assert leaf.grad is not None, f"no gradient for {name}"
         assert leaf.grad.dtype == leaf.dtype, f"{name}.grad dtype {leaf.grad.dtype} != {leaf.dtype}"
-        assert_close(leaf.grad, ref_leaves[name].grad, dtype, f"d{name}")
+        assert_close(leaf.grad, ref_leaves[name].grad, dtype, f"d{name}", magnitude=grad_mag[name])
     return y
 
 
