@@ -86,6 +86,16 @@ def _unsupported_parent(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def check_exclude_modules(value, name: str = "exclude_modules") -> None:
+    """``exclude_modules`` must be a list (or tuple) of non-empty module-name suffixes. A bare string is refused:
+    iterated, it would exclude single characters, i.e. nothing."""
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a list of module-name suffixes, got the string {value!r} "
+                        f"(did you mean [{value!r}]?)")
+    if not (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value)):
+        raise TypeError(f"{name} must be a list of non-empty module-name suffixes, got {value!r}")
+
+
 def candidate_summary(model: nn.Module, limit: int = 8) -> str:
     """A short list of the model's linear-like module names (distinct last components first), for error messages."""
     names = [n for n, m in model.named_modules() if n and is_linear_like(m)]
@@ -113,12 +123,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
             (nn.MultiheadAttention's out_proj); the message names it.
         ValueError: nothing matched (the message lists candidate names), or the model itself is the match.
     """
-    if isinstance(exclude_modules, str):  # iterated, a string would exclude single characters, i.e. nothing
-        raise TypeError(f"exclude_modules must be a list of module-name suffixes, got the string "
-                        f"{exclude_modules!r} (did you mean [{exclude_modules!r}]?)")
-    exclude = list(exclude_modules or ())
-    if not all(isinstance(e, str) and e for e in exclude):
-        raise TypeError(f"exclude_modules must hold non-empty module-name suffixes, got {exclude!r}")
+    exclude = exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules or ())
+    check_exclude_modules(exclude)
     named = [(n, m) for n, m in model.named_modules()]
     if adapted:
         from .nn import LoRALinear
@@ -166,7 +172,8 @@ def check_materialized(targets: Iterable[tuple[str, nn.Module]], what: str) -> N
     """Refuse targets whose weight has no data (the ``meta`` device): accelerate's CPU / disk offload
     (``device_map`` entries ``"cpu"`` / ``"disk"`` beside GPUs, ``cpu_offload``) keeps weights there and loads them
     only inside the module's forward, but an adapter is built from the weight itself."""
-    offloaded = [n for n, m in targets if base_weight(m) is not None and base_weight(m).dense().device.type == "meta"]
+    bases = ((n, base_weight(m)) for n, m in targets)
+    offloaded = [n for n, base in bases if base is not None and base.dense().device.type == "meta"]
     if offloaded:
         more = f" (and {len(offloaded) - 1} more)" if len(offloaded) > 1 else ""
         raise ValueError(f"{what}: the weight of {offloaded[0]!r}{more} is on the meta device (offloaded by "

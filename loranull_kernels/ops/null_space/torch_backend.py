@@ -144,7 +144,7 @@ def krylov_ritz(L: torch.Tensor, start: torch.Tensor, k: int, max_blocks: int,
         if blocks:
             K = torch.cat(blocks, -1)
             for _ in range(2):
-                Y = torch.baddbmm(Y, K, K.mT @ Y, alpha=-1) if Y.dim() == 3 else Y - K @ (K.mT @ Y)
+                Y = torch.baddbmm(Y, K, K.mT @ Y, alpha=-1)
         Q = torch.linalg.qr(Y).Q[..., :n - width]
         width += Q.shape[-1]
         Z = torch.linalg.solve_triangular(L, Q, upper=False)
