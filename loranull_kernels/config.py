@@ -23,13 +23,22 @@ from typing import Any
 
 from .methods import METHODS, OPTIONS, REGULARIZERS, SPARSITY, get_method
 from .methods.base import is_int, is_real
-from .targets import check_exclude_modules
 
 
 def adapter_scaling(r: int, alpha: float | None, use_rslora: bool) -> float:
     """The adapter scale s: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; alpha None means r."""
     a = float(r if alpha is None else alpha)
     return a / math.sqrt(r) if use_rslora else a / r
+
+
+def check_exclude_modules(value, name: str = "exclude_modules") -> None:
+    """``exclude_modules`` must be a list (or tuple) of non-empty module-name suffixes. A bare string is refused:
+    iterated, it would exclude single characters, i.e. nothing."""
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a list of module-name suffixes, got the string {value!r} "
+                        f"(did you mean [{value!r}]?)")
+    if not (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value)):
+        raise TypeError(f"{name} must be a list of non-empty module-name suffixes, got {value!r}")
 
 
 @dataclass(init=False)

@@ -12,6 +12,7 @@ from typing import Iterable
 from torch import nn
 
 from .base_weight import base_weight
+from .config import check_exclude_modules
 
 # Modules (or the parents of modules) with these names are task heads trained from scratch, never adapted by
 # "all-linear": the LM head, sequence-classification heads (PEFT's SEQ_CLS_HEAD_NAMES) and extractive-QA heads.
@@ -84,16 +85,6 @@ def _unsupported_parent(model: nn.Module, name: str) -> str | None:
         # there would be silently ignored.
         return "nn.MultiheadAttention reads out_proj.weight directly (its forward is never called)"
     return None
-
-
-def check_exclude_modules(value, name: str = "exclude_modules") -> None:
-    """``exclude_modules`` must be a list (or tuple) of non-empty module-name suffixes. A bare string is refused:
-    iterated, it would exclude single characters, i.e. nothing."""
-    if isinstance(value, str):
-        raise TypeError(f"{name} must be a list of module-name suffixes, got the string {value!r} "
-                        f"(did you mean [{value!r}]?)")
-    if not (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value)):
-        raise TypeError(f"{name} must be a list of non-empty module-name suffixes, got {value!r}")
 
 
 def candidate_summary(model: nn.Module, limit: int = 8) -> str:
