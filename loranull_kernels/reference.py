@@ -38,6 +38,27 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return F.linear(x, weight, bias) + scaling * F.linear(h, B)
 
 
+def dequantize(weight) -> torch.Tensor:
+    """A :class:`~loranull_kernels.ops.lora_linear.quantized_weight.QuantizedWeight` as its (out, in) float64
+    matrix, element by element as the format defines it (independent of the fast dequantization paths)."""
+    if weight.format == "subclass":
+        return weight.data.dequantize().to(torch.float64)
+    N, K = weight.shape
+    if weight.format == "int8":
+        return weight.data.to(torch.float64) * weight.absmax.to(torch.float64)[:, None] / 127.0
+    e = torch.arange(N * K, device=weight.data.device)
+    byte = weight.data.reshape(-1)[e // 2].to(torch.int64)
+    nibble = torch.where(e % 2 == 0, byte >> 4, byte & 15)
+    block = e // weight.blocksize
+    if weight.nested:
+        scale = (weight.absmax_code.to(torch.float64)[weight.absmax.to(torch.int64)[block]]
+                 * weight.absmax_scale.to(torch.float64)[block // weight.absmax_blocksize]
+                 + weight.absmax_offset.to(torch.float64))
+    else:
+        scale = weight.absmax.to(torch.float64)[block]
+    return (weight.code.to(torch.float64)[nibble] * scale).view(N, K)
+
+
 def covariance_update(C: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``C + Σ_t x_tᵀ x_t`` over the tokens kept by ``token_mask``, in float64; functional (C is not modified).
 

@@ -5,7 +5,8 @@
 The public function validates the arguments (:mod:`.validation`), picks the backend
 (:func:`loranull_kernels.backend.select` among :data:`.autograd.IMPLEMENTATIONS`), flattens leading dimensions,
 draws the dropout seed and calls :class:`.autograd.LoRALinearFunction`, whose custom ops run the chosen backend:
-``torch_backend.py`` (PyTorch), ``triton_backend.py`` (the launcher of ``triton_kernels.py``).
+``torch_backend.py`` (PyTorch), ``triton_backend.py`` (the launcher of ``triton_kernels.py``). The base is a dense
+tensor or a :class:`.quantized_weight.QuantizedWeight` (a 4-bit / 8-bit base kept quantized).
 """
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 
 from ... import backend as _backend
 from .autograd import IMPLEMENTATIONS, LoRALinearFunction
+from .quantized_weight import QuantizedWeight, op_args
 from .validation import validate
 
 
@@ -30,7 +32,7 @@ def _autocast_dtype(x) -> torch.dtype | None:
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -48,7 +50,10 @@ def lora_linear(
 
     Args:
         x: (..., in_features); float16, bfloat16, float32 (float64 on the torch backend). Any strides.
-        weight: (out_features, in_features), x's dtype, frozen (``requires_grad`` must be False).
+        weight: (out_features, in_features), x's dtype, frozen (``requires_grad`` must be False); or a
+            :class:`QuantizedWeight` (a bitsandbytes NF4 / FP4 / int8 or torchao base, any x dtype): the Triton
+            kernels dequantize its tiles inside the GEMMs, the torch backend the whole matrix per call, and no
+            dense copy is kept for the backward (docs/design.md#quantized-bases).
         lora_A: (r, in_features); x's dtype or float32 (PEFT keeps adapters in float32 beside half-precision
             bases). lora_B: (out_features, r), lora_A's dtype.
         scaling: the adapter scale s (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
@@ -78,7 +83,7 @@ def lora_linear(
         # Under autocast (a float32 model trained with bf16/fp16 mixed precision, e.g. HF Trainer's bf16=True) the
         # inputs arrive in mixed dtypes; compute as F.linear would there: every floating operand in the autocast
         # dtype (gradients flow back to float32 parameters through the casts), the op itself outside autocast.
-        cast = lambda t: t.to(autocast) if t is not None and t.dtype in _AUTOCAST_FROM else t  # noqa: E731
+        cast = lambda t: t.to(autocast) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t  # noqa: E731
         x, weight, lora_A, lora_B, rank_scale, bias = map(cast, (x, weight, lora_A, lora_B, rank_scale, bias))
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, mask_A, mask_B,
@@ -92,7 +97,7 @@ def lora_linear(
                   else torch.tensor(int(seed), dtype=torch.int64))
     save_x = bool(train_A and lora_A.requires_grad and torch.is_grad_enabled())
     x2d = x.reshape(-1, x.shape[-1])
-    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed_t,
+    y = LoRALinearFunction.apply(x2d, *op_args(weight), lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed_t,
                                  float(scaling), dropout_p, save_x, name)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -11,13 +11,16 @@ backward  dG = s · dY B                           once, shared by dX and dA
           dA = (dG⊙d)ᵀ drop(x)                    skipped entirely when A is frozen (x is then not even saved)
 
 Masks (RoseLoRA) are applied to the r-sized factors here (cheap copies of A and B); the Triton backend avoids
-even those.
+even those. A quantized base (:class:`.quantized_weight.QuantizedWeight`) is dequantized into a fresh dense matrix at
+the start of ``forward`` and again in ``backward`` (only when dX is needed), and freed when the call returns: the
+autograd saves the quantized tensors, never the dense copy.
 """
 from typing import Optional
 
 import torch
 
 from . import sparse_dropout
+from .quantized_weight import dense
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +62,7 @@ def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, s
         h = (x @ A.t()).to(adt)
     hd = h if rank_scale is None else h * rank_scale.to(adt)
     B = _effective(lora_B, mask_B, cdt)
+    weight = dense(weight, cdt)
     if bias is not None:
         y = torch.addmm(bias, hd.to(cdt), B.t(), alpha=scaling)
     else:
@@ -91,13 +95,13 @@ def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed,
         dropped = None
         if dropout_p > 0:
             dH.mul_(1.0 / (1.0 - dropout_p))  # drop(x) = x ⊙ keep / (1 − p), for both dX and dA
-            dropped = _dropped(seed, dy.shape[0], weight.shape[1], dropout_p, dy.device)
+            dropped = _dropped(seed, dy.shape[0], lora_A.shape[1], dropout_p, dy.device)
         if need_dx:
             A = _effective(lora_A, mask_A, cdt)
             dx = dH.to(cdt) @ A
             if dropped is not None:
                 sparse_dropout.zero_dropped_(dx, dropped)
-            dx.addmm_(dy, weight)
+            dx.addmm_(dy, dense(weight, cdt))
         if need_dA:
             if dropout_p > _DENSE_ABOVE:
                 dA_acc = (dH.t().to(cdt) @ _kept(x, dropped)).to(adt)

@@ -11,6 +11,7 @@ import torch
 
 from ... import backend
 from . import torch_backend
+from .quantized_weight import dense
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +64,7 @@ def _stride0(v: Optional[torch.Tensor]) -> int:
 
 def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p):
     """:func:`.autograd.forward_op` (the contract) on this backend; H is float32."""
+    weight = dense(weight, x.dtype)  # TODO(quantized kernels): dequantize tiles inside the GEMM instead
     if x.shape[0] == 0:
         return torch_backend.forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p)
     triton, _, kernels, configs = _triton()
@@ -103,6 +105,7 @@ def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, s
 def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling, dropout_p,
              need_dx, need_dA, need_dB, need_drank_scale, need_dbias):
     """:func:`.autograd.backward_op` (the contract) on this backend."""
+    weight = dense(weight, dy.dtype)  # TODO(quantized kernels): dequantize tiles inside the GEMM instead
     if dy.shape[0] == 0:
         return torch_backend.backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling,
                                       dropout_p, need_dx, need_dA, need_dB, need_drank_scale, need_dbias)

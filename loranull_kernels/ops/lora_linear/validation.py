@@ -5,6 +5,7 @@ import numbers
 import torch
 
 from ... import backend as _backend
+from .quantized_weight import QuantizedWeight, check as check_quantized
 
 _SEED_LIMIT = 2**63
 
@@ -30,7 +31,10 @@ def validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, ma
     if x.dtype not in _backend.SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(map(str, _backend.SUPPORTED_DTYPES))}")
     dev, xdt = x.device, x.dtype
-    _check_tensor("weight", weight, 2, dev, lambda d: d == xdt, f"x's dtype {xdt}")
+    if isinstance(weight, QuantizedWeight):
+        check_quantized(weight, dev)
+    else:
+        _check_tensor("weight", weight, 2, dev, lambda d: d == xdt, f"x's dtype {xdt}")
     if weight.requires_grad:
         raise ValueError("weight requires grad: lora_linear treats the base weight as frozen "
                          "(call weight.requires_grad_(False), or train it with a plain nn.Linear)")
