@@ -44,14 +44,15 @@ from .adapter_layers import adapter_layers, single_config
 from .config import AdapterConfig
 from .methods import REGULARIZERS, SPARSITY
 from .nn import LoRALinear
-from .base_weight import base_weight
+from .quantized_layer import QuantizedLoRALinear
+from .base_weights import base_weight
+from .base_weights.base import fingerprint as _fingerprint
 from .targets import check_materialized, is_linear_like, linear_shape
 
 FORMAT = "loranull_kernels.adapter"
 FORMAT_VERSION = 1
 CONFIG_NAME = "loranull_adapter.json"
 WEIGHTS_NAME = "loranull_adapter.safetensors"
-_FINGERPRINT_SEED = 20240601
 # Relative tolerance of the base fingerprint by the base's dtype: above the rounding a rebuilt original weight
 # carries, far below the O(1) difference of another model's weight.
 _FINGERPRINT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -75,21 +76,21 @@ def _piece_buffers(layer: LoRALinear) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """``W v`` (out,) float64 on the CPU for a fixed pseudo-random ``v``: a cheap signature of W (out, in)."""
-    v = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(_FINGERPRINT_SEED), dtype=torch.float64)
-    return (weight @ v.to(weight.device, weight.dtype)).to(torch.float64).cpu()
-
-
 def _original_weight(layer: LoRALinear) -> torch.Tensor:
     """The pre-trained W (out, in) in the compute dtype, rounded once to the base dtype: that rounding recovers the
     stored W exactly wherever the residual's own rounding error is below half an ulp of W (half-precision bases)."""
-    return layer.original_weight().to(layer.weight.dtype).to(compute_dtype(layer.weight.dtype))
+    return layer.original_weight().to(layer.base_dtype).to(compute_dtype(layer.base_dtype))
 
 
-def _check_fingerprint(name: str, weight: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype,
+def _layer_fingerprint(layer: LoRALinear) -> torch.Tensor:
+    """The fingerprint of the layer's original W: recomputed for a dense base, the one taken when the layer was
+    built for a quantized base (whose re-quantized residual no longer gives W exactly)."""
+    saved = getattr(layer, "original_fingerprint", None)
+    return saved if saved is not None else _fingerprint(_original_weight(layer))
+
+
+def _check_fingerprint(name: str, got: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype,
                        saved_dtype: str) -> None:
-    got = _fingerprint(weight)
     # The looser of the two dtypes: the same model saved in float32 and loaded in float64 (or bf16) must pass.
     rtol = max(_FINGERPRINT_RTOL.get(dtype, 2e-2),
                _FINGERPRINT_RTOL.get(getattr(torch, saved_dtype, None), 2e-2))
@@ -134,11 +135,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         for field, t in _piece_buffers(layer).items():
             if field.startswith(prefixes):  # the loader accepts exactly the state of the config's pieces
                 tensors[f"{name}.{field}"] = cpu_copy(t)
-        tensors[f"{name}.base_fingerprint"] = _fingerprint(_original_weight(layer))
+        tensors[f"{name}.base_fingerprint"] = _layer_fingerprint(layer)
         modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "bias": layer.bias is not None, "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
-                         "base_dtype": str(layer.weight.dtype).removeprefix("torch."),
+                         "base_dtype": str(layer.base_dtype).removeprefix("torch."),
                          "adapter_dtype": str(layer.lora_A.dtype).removeprefix("torch.")}
+        if isinstance(layer, QuantizedLoRALinear):  # informational: any kind of base loads it (same fingerprint)
+            modules[name]["base_kind"] = layer.base.kind
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
             "config": cfg.to_dict(), "modules": modules}
     with atomic_dir.atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME), "save_adapter") as tmp:
@@ -267,16 +270,24 @@ def _check_saved_shapes(file: Path, name: str, info: dict, cfg: AdapterConfig, t
                              f"in={i}, out={o})")
 
 
-def _empty_layer(linear: nn.Linear, cfg: AdapterConfig, has_rank_scale: bool) -> LoRALinear:
-    """A LoRALinear with ``linear``'s weight and bias and no initialiser run (its adapter tensors come from a file)."""
-    W = linear.weight
-    layer = LoRALinear(linear.in_features, linear.out_features, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                       bias=linear.bias is not None, method=cfg.method, use_rslora=cfg.use_rslora,
-                       has_rank_scale=has_rank_scale, device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(W)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+def _empty_layer(module: nn.Module, cfg: AdapterConfig, has_rank_scale: bool) -> LoRALinear:
+    """A LoRALinear on ``module``'s base (a dense one copied, a quantized one kept) and no initialiser run (its
+    adapter tensors come from a file)."""
+    base = base_weight(module)
+    if base.quantized_format is not None:
+        layer = QuantizedLoRALinear(module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, method=cfg.method,
+                                    use_rslora=cfg.use_rslora, has_rank_scale=has_rank_scale,
+                                    base_correction=cfg.quantized_rewrite == "low_rank")
+        layer.original_fingerprint = _fingerprint(base.dense().to(compute_dtype(base.dtype)))
+    else:
+        W = base.dense()
+        layer = LoRALinear(base.in_features, base.out_features, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                           bias=base.bias is not None, method=cfg.method, use_rslora=cfg.use_rslora,
+                           has_rank_scale=has_rank_scale, device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(W)
+            if base.bias is not None:
+                layer.bias.copy_(base.bias)
     layer.lora_A.requires_grad_(not cfg.freeze_A)
     if layer.bias is not None:
         layer.bias.requires_grad_(cfg.train_bias)
@@ -308,17 +319,41 @@ def _assign(layer: LoRALinear, name: str, tensors: dict[str, torch.Tensor]) -> N
     A0, B0 = get("lora_A0"), get("lora_B0")
     if A0 is None:
         if layer.lora_A0 is not None:  # cannot happen for one method; kept so a stale residual is never left
-            layer.weight.copy_(_original_weight(layer))
+            if not isinstance(layer, QuantizedLoRALinear):
+                layer.weight.copy_(_original_weight(layer))
+            elif layer.base_rewritten:
+                layer.replace_base(_original_weight(layer), _original_weight(layer), layer.lora_B0 * 0, layer.lora_A0)
             layer.lora_A0 = layer.lora_B0 = None
         return
     A0, B0 = A0.to(dev, adt), B0.to(dev, adt)
     if layer.lora_A0 is not None and torch.equal(layer.lora_A0, A0) and torch.equal(layer.lora_B0, B0):
         return  # the base already is W − s·B0A0 for these very B0, A0
-    cd = compute_dtype(layer.weight.dtype)
-    W = _original_weight(layer)
+    cd = compute_dtype(layer.base_dtype)
+    W = _original_weight(layer)  # exact: load_adapter refused quantized layers whose base was rewritten
     # The same operations as the initialisers' `weight - scaling * (B @ A)`: a bit-identical residual.
-    layer.weight.copy_(W - layer.scaling * (B0.to(cd) @ A0.to(cd)))
+    residual = W - layer.scaling * (B0.to(cd) @ A0.to(cd))
+    if isinstance(layer, QuantizedLoRALinear):
+        # As from_base: the base stays as loaded with the "low_rank" correction, and when B0 = 0 (LoRA-Null's basis
+        # init); otherwise it becomes the re-quantized residual.
+        if not layer.base_correction and bool(B0.any()):
+            layer.replace_base(residual, original=W, B0=B0, A0=A0)
+    else:
+        layer.weight.copy_(residual)
     layer.lora_A0, layer.lora_B0 = A0.clone(), B0.clone()
+
+
+def _check_quantized_residual(name: str, layer: LoRALinear, tensors: dict) -> None:
+    """A quantized layer whose base holds a re-quantized residual no longer knows its original W exactly, so it
+    cannot take another ``B0A0``: refuse that before anything changes."""
+    if not isinstance(layer, QuantizedLoRALinear) or not layer.base_rewritten:
+        return
+    A0, B0 = tensors.get(f"{name}.lora_A0"), tensors.get(f"{name}.lora_B0")
+    same = (A0 is not None and torch.equal(layer.lora_A0.cpu(), A0.to(layer.lora_A0.dtype))
+            and torch.equal(layer.lora_B0.cpu(), B0.to(layer.lora_B0.dtype)))
+    if not same:
+        raise ValueError(f"load_adapter: {name!r} keeps its base as a re-quantized residual of another adapter, "
+                         "from which the original weight cannot be recovered exactly; load this adapter onto the "
+                         "original quantized model (freshly loaded)")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -360,8 +395,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"load_adapter: {name!r} and the file disagree on having a rank_scale")
             if layer.merged:
                 raise ValueError(f"load_adapter: {name!r} is merged; call unmerge() before loading an adapter")
-            _check_fingerprint(name, _original_weight(layer), tensors[f"{name}.base_fingerprint"],
-                               layer.weight.dtype, info["base_dtype"])
+            _check_fingerprint(name, _layer_fingerprint(layer), tensors[f"{name}.base_fingerprint"],
+                               layer.base_dtype, info["base_dtype"])
+            _check_quantized_residual(name, layer, tensors)
         for name, layer in layers.items():
             _assign(layer, name, tensors)
         return model
@@ -381,8 +417,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"load_adapter: the file's r={cfg.r} exceeds min(in, out) = {min(shape)} of {name!r}")
         check_materialized([(name, module)], "load_adapter")
         W = base_weight(module).dense()
-        _check_fingerprint(name, W.to(compute_dtype(W.dtype)), tensors[f"{name}.base_fingerprint"], W.dtype,
-                           info["base_dtype"])
+        _check_fingerprint(name, _fingerprint(W.to(compute_dtype(W.dtype))), tensors[f"{name}.base_fingerprint"],
+                           W.dtype, info["base_dtype"])
+        refusal = base_weight(module).requantize_refusal()
+        if refusal and f"{name}.lora_B0" in tensors and bool(tensors[f"{name}.lora_B0"].any()):
+            raise ValueError(f"load_adapter: the adapter of {name!r} rewrote its base ({cfg.method!r}), but "
+                             f"{refusal}: load it onto a dense or bitsandbytes-quantized copy of the model")
         targets.append((name, module))
     from .inject import replace_targets
 

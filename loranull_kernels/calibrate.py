@@ -23,6 +23,7 @@ from torch import nn
 from .blocks import module_device as _model_device
 from .blocks import to_device as _to_device
 from .covariance_accumulator import CovarianceAccumulator
+from .base_weights import prepare
 from .targets import find_targets, linear_shape
 
 
@@ -284,6 +285,7 @@ def calibrate(model: nn.Module, data: Iterable, target_modules: str | Iterable[s
     from .calibrate_sequential import calibrate_blocks, resolve_mode
 
     targets = find_targets(model, target_modules, exclude_modules, adapted=True)
+    prepare(m for _, m in targets)  # bitsandbytes would repack 4-bit targets for CPU inference in these forwards
     stack = resolve_mode(model, targets, calibration_mode, offload)
     if stack is None:
         return calibrate_modules(model, targets, data, normalize=normalize, progress=progress, max_batches=max_batches)

@@ -25,6 +25,10 @@ from .methods import METHODS, OPTIONS, REGULARIZERS, SPARSITY, get_method
 from .methods.base import is_int, is_real
 
 
+#: The values of :attr:`AdapterConfig.quantized_rewrite`.
+QUANTIZED_REWRITES = ("low_rank", "requantize")
+
+
 def adapter_scaling(r: int, alpha: float | None, use_rslora: bool) -> float:
     """The adapter scale s: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; alpha None means r."""
     a = float(r if alpha is None else alpha)
@@ -60,6 +64,13 @@ class AdapterConfig:
         train_bias: train the targeted layers' biases too.
         freeze_A: train B only (no dA is ever computed); LoRA-Null v2 with ``method="lora_null"``.
         init_seed: seed of the random initialisations (LoRA's kaiming A); None uses torch's global generator.
+        quantized_rewrite: how a method that rewrites the base (pissa, milora, kasa, lora_null with
+            ``init="svd"``) treats a quantized base (bitsandbytes, torchao; dense bases ignore it):
+            ``"low_rank"`` (default) keeps the quantized weight as loaded and carries ``−s·B0A0`` frozen beside the
+            adapter in the fused op (rank 2r there): the output is exactly unchanged at init;
+            ``"requantize"`` stores ``Q(W − s·B0A0)`` re-quantized with the layer's own settings (PiSSA's QLoRA
+            recipe): the output moves at init by that residual's quantization error (reported per layer).
+            docs/design.md#quantized-bases.
         regularizer: the loss term :func:`loranull_kernels.regularization_loss` adds: a name of
             :data:`~loranull_kernels.methods.REGULARIZERS` (``"kasa"``, ``"lalora"``), None, or ``"auto"`` (the
             method's own: see the module docstring; :attr:`effective_regularizer`).
@@ -84,6 +95,7 @@ class AdapterConfig:
     train_bias: bool = False
     freeze_A: bool = False
     init_seed: int | None = None
+    quantized_rewrite: str = "low_rank"
     regularizer: str | None = "auto"
     sparsity: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -91,8 +103,8 @@ class AdapterConfig:
     def __init__(self, method: str = "lora", r: int = 8, alpha: float | None = None, dropout: float = 0.0,
                  target_modules: list[str] | str = "all-linear", exclude_modules: list[str] | None = None,
                  use_rslora: bool = False, train_bias: bool = False, freeze_A: bool = False, *,
-                 init_seed: int | None = None, regularizer: str | None = "auto", sparsity: str | None = "auto",
-                 options: dict[str, Any] | None = None, **method_options):
+                 init_seed: int | None = None, quantized_rewrite: str = "low_rank", regularizer: str | None = "auto",
+                 sparsity: str | None = "auto", options: dict[str, Any] | None = None, **method_options):
         given = {**(options or {}), **method_options}
         unknown = sorted(set(given) - set(OPTIONS))
         if unknown:
@@ -102,6 +114,7 @@ class AdapterConfig:
         self.exclude_modules = [] if exclude_modules is None else exclude_modules
         self.use_rslora, self.train_bias, self.freeze_A = use_rslora, train_bias, freeze_A
         self.init_seed, self.regularizer, self.sparsity = init_seed, regularizer, sparsity
+        self.quantized_rewrite = quantized_rewrite
         self.options = {name: given.get(name, opt.default) for name, opt in OPTIONS.items()}
         self.validate()
 
@@ -161,6 +174,9 @@ class AdapterConfig:
                                            or not -(2**63) <= self.init_seed < 2**64):
             raise ValueError("AdapterConfig.init_seed must be None or an int in [-2**63, 2**64) (torch.manual_seed's "
                              f"range), got {self.init_seed!r}")
+        if self.quantized_rewrite not in QUANTIZED_REWRITES:
+            raise ValueError(f"AdapterConfig.quantized_rewrite must be one of {QUANTIZED_REWRITES}, got "
+                             f"{self.quantized_rewrite!r}")
         if self.regularizer not in ("auto", None, *REGULARIZERS):
             raise ValueError(f"AdapterConfig.regularizer={self.regularizer!r} is unknown; choose one of "
                              f"{tuple(REGULARIZERS)}, None or 'auto'")

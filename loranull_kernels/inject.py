@@ -11,7 +11,8 @@ from ._dtypes import compute_dtype
 from .config import AdapterConfig
 from .methods import get_method
 from .nn import LoRALinear
-from .targets import as_linear, check_materialized, find_targets, is_conv1d, linear_shape
+from .base_weights import base_weight, prepare
+from .targets import check_materialized, find_targets, is_conv1d, linear_shape
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -31,7 +32,16 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) ->
         more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
         raise ValueError(f"AdapterConfig.r={r} exceeds min(in_features, out_features) = {min(i, o)} of layer "
                          f"{name!r} (in={i}, out={o}){more}: lower r or exclude the layer")
-    check = get_method(config.method).check_layer
+    method = get_method(config.method)
+    if method.rewrites_base_for(config):
+        refused = [(n, why) for n, m in targets for why in [base_weight(m).requantize_refusal()] if why]
+        if refused:
+            name, why = refused[0]
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise ValueError(f"method {config.method!r} rewrites the base weight, but for layer {name!r}{more} "
+                             f"{why}: use a method that keeps the base (lora, roselora, lalora, lora_null with "
+                             "lora_null_init='basis'), or exclude those layers")
+    check = method.check_layer
     refused = [(n, linear_shape(m), why) for n, m in targets if check
                for why in [check(config, *linear_shape(m))] if why]
     if refused:
@@ -41,17 +51,17 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) ->
 
 
 def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
-                    make_layer: Callable[[str, nn.Linear], LoRALinear], freeze: bool = True) -> nn.Module:
-    """Freeze every parameter of ``model`` (unless ``freeze=False``), then swap each ``(name, module)`` target for ``make_layer(name, linear)``
-    (``linear``: the target as an ``nn.Linear``, Conv1D transposed). Layers that came from a Conv1D get
-    ``fan_in_fan_out = True`` (PEFT's name for that layout) so exports can say so.
+                    make_layer: Callable[[str, nn.Module], LoRALinear], freeze: bool = True) -> nn.Module:
+    """Freeze every parameter of ``model`` (unless ``freeze=False``), then swap each ``(name, module)`` target for
+    ``make_layer(name, module)``. Layers that came from a Conv1D get ``fan_in_fan_out = True`` (PEFT's name for
+    that layout) so exports can say so.
 
     Layers are swapped one at a time, so peak memory grows by one layer, not by every targeted weight."""
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name, module in targets:
-        layer = make_layer(name, as_linear(module))
+        layer = make_layer(name, module)
         layer.fan_in_fan_out = is_conv1d(module)
         if getattr(module, "training", True) != layer.training:
             layer.train(module.training)
@@ -85,7 +95,7 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
         note = None
         solved = []
         if solve is not None:  # one batched solve for the whole group (LoRA-Null's null spaces)
-            dtype = max((compute_dtype(m.weight.dtype) for _, m in group), key=lambda d: d.itemsize)
+            dtype = max((compute_dtype(base_weight(m).dtype) for _, m in group), key=lambda d: d.itemsize)
             solved, note = solve(covs.values(), config, dtype)
         covariances.update(covs)
         with precomputed(solved):
@@ -117,8 +127,11 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
     input embedding, and anything named or inside ``lm_head`` / ``score`` / ``classifier`` / ``qa_outputs``).
     GPT-2's ``Conv1D`` is supported: it becomes a LoRALinear with the transposed (out, in) weight.
 
-    Each adapter is ``LoRALinear.from_linear(linear, config=config, covariance=C)`` on the layer's own device and
-    dtype. Methods that need activation statistics (``config.needs_calibration``, e.g. ``lora_null``) first run
+    Each adapter is ``LoRALinear.from_base(module, config=config, covariance=C)`` on the layer's own device and
+    dtype. Quantized bases (bitsandbytes ``load_in_4bit`` / ``load_in_8bit``, torchao) stay quantized
+    (:class:`~loranull_kernels.quantized_layer.QuantizedLoRALinear`; methods that rewrite the base re-quantize the
+    residual with each layer's own settings), and bitsandbytes' CPU repacking of 4-bit weights is switched off on
+    the targets before calibration runs the model (docs/design.md#quantized-bases). Methods that need activation statistics (``config.needs_calibration``, e.g. ``lora_null``) first run
     :func:`loranull_kernels.calibrate` over ``calibration_data`` with ``normalize=config.normalize_calibration``
     and ``**calibrate_kwargs`` (``progress``, ``max_batches``). With ``config.init_seed`` set, one generator seeded
     with it draws every layer's random init in module order: reproducible, and different from layer to layer.
@@ -162,16 +175,17 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config)
     check_materialized(targets, "inject")
+    prepare(m for _, m in targets)
     generators: dict[torch.device, torch.Generator] = {}
 
-    def make_layer(name: str, linear: nn.Linear) -> LoRALinear:
+    def make_layer(name: str, module: nn.Module) -> LoRALinear:
         gen = None
         if config.init_seed is not None:
-            dev = linear.weight.device
+            dev = base_weight(module).device
             if dev not in generators:
                 generators[dev] = torch.Generator(device=dev).manual_seed(config.init_seed)
             gen = generators[dev]
-        return LoRALinear.from_linear(linear, config=config, covariance=covariances.get(name), generator=gen)
+        return LoRALinear.from_base(module, config=config, covariance=covariances.get(name), generator=gen)
 
     covariances: dict[str, torch.Tensor] = {}
     if not config.needs_calibration:

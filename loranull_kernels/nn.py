@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dtypes import compute_dtype
+from .base_weights import BaseWeight, base_weight
 from .config import AdapterConfig, adapter_scaling
 from .methods import SPARSITY, get_method
 from .ops.lora_linear import lora_linear
@@ -32,13 +33,26 @@ class LoRALinear(nn.Module):
     neither computes dA nor keeps x). Dropout applies in training mode only. Adapters of half-precision bases are
     kept in float32 (as PEFT does); inputs are cast to the base's dtype.
 
-    Build one with :meth:`from_linear`; :func:`loranull_kernels.inject` does it for a whole model.
+    Build one with :meth:`from_base` (any layer the base-weight seam knows) or :meth:`from_linear`;
+    :func:`loranull_kernels.inject` does it for a whole model. A quantized base (bitsandbytes 4-bit / 8-bit,
+    torchao) gives a :class:`~loranull_kernels.quantized_layer.QuantizedLoRALinear`, which keeps it quantized.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = True, *, method: str = "lora", use_rslora: bool = False,
                  has_rank_scale: bool = False, device=None, dtype=None, adapter_dtype=None):
         super().__init__()
+        self._set_shape(in_features, out_features, r, alpha, dropout, method, use_rslora)
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._add_adapter(device, adapter_dtype or (torch.float32 if dtype in (torch.float16, torch.bfloat16)
+                                                    else dtype), has_rank_scale)
+
+    def _set_shape(self, in_features, out_features, r, alpha, dropout, method, use_rslora) -> None:
         for name, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"LoRALinear: {name} must be an int, got {v!r}")
@@ -46,16 +60,13 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: dropout must be a number in [0, 1), got {dropout!r}")
         if r < 1 or r > min(in_features, out_features):
             raise ValueError(f"r={r} must be in [1, min(in_features, out_features) = {min(in_features, out_features)}]")
-        dtype = dtype or torch.get_default_dtype()
-        adapter_dtype = adapter_dtype or (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora, self.method, self.dropout = r, alpha, use_rslora, method, float(dropout)
         self.scaling = adapter_scaling(r, alpha, use_rslora)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+
+    def _add_adapter(self, device, adapter_dtype: torch.dtype, has_rank_scale: bool) -> None:
+        """The adapter's parameters and buffers (the base is the caller's)."""
+        in_features, out_features, r = self.in_features, self.out_features, self.r
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=adapter_dtype))
         if has_rank_scale:
@@ -75,38 +86,70 @@ class LoRALinear(nn.Module):
                     method: str = "lora", *, config: AdapterConfig | None = None,
                     covariance: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     **method_kwargs) -> "LoRALinear":
-        """Wrap ``linear`` (its weight and bias are copied, not shared) with an adapter initialised by ``method``.
+        """:meth:`from_base` for an ``nn.Linear`` (a ``TypeError`` for anything else)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        return cls.from_base(linear, r, alpha, dropout, method, config=config, covariance=covariance,
+                             generator=generator, **method_kwargs)
+
+    @classmethod
+    def from_base(cls, module: nn.Module | BaseWeight, r: int = 8, alpha: float | None = None,
+                  dropout: float = 0.0, method: str = "lora", *, config: AdapterConfig | None = None,
+                  covariance: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  **method_kwargs) -> "LoRALinear":
+        """Wrap a base layer with an adapter initialised by ``method``.
+
+        A dense base (``nn.Linear`` of any float dtype and device, GPT-2's ``Conv1D``) is copied into the layer's
+        own ``weight`` (out, in) and ``bias``. A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``,
+        a torchao-quantized ``nn.Linear``) stays quantized: the result is a
+        :class:`~loranull_kernels.quantized_layer.QuantizedLoRALinear` holding the module itself as
+        ``base_layer`` (or, for methods that rewrite the base, a new module of the same kind holding the residual
+        re-quantized with the layer's own settings). The initialiser sees the dequantized weight either way.
 
         Args:
-            linear: an ``nn.Linear`` (any float dtype and device).
+            module: the base layer, or its :class:`~loranull_kernels.base_weights.BaseWeight`.
             r, alpha, dropout, method, **method_kwargs: the adapter's :class:`~loranull_kernels.AdapterConfig`
                 fields (e.g. ``use_rslora=True``, ``freeze_A=True``, ``null_dim=256``); or pass ``config``.
             covariance: (in, in) input covariance, for calibrated methods (``lora_null``).
             generator: for the random initialisations (LoRA's kaiming A).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        base = module if isinstance(module, BaseWeight) else base_weight(module)
+        if base is None:
+            raise TypeError(f"from_base needs a linear layer (nn.Linear, transformers' Conv1D, bitsandbytes "
+                            f"Linear4bit / Linear8bitLt, a torchao-quantized nn.Linear), got {type(module).__name__}")
         cfg = config or AdapterConfig(method=method, r=r, alpha=alpha, dropout=dropout, **method_kwargs)
-        if cfg.r > min(linear.in_features, linear.out_features):
-            raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
-                             f"{min(linear.in_features, linear.out_features)} of this layer")
+        in_f, out_f = base.in_features, base.out_features
+        if cfg.r > min(in_f, out_f):
+            raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = {min(in_f, out_f)} of this layer")
         meth = get_method(cfg.method)
-        why = meth.check_layer and meth.check_layer(cfg, linear.in_features, linear.out_features)
+        why = meth.check_layer and meth.check_layer(cfg, in_f, out_f)
         if why:
-            raise ValueError(f"{why} of this layer ({linear.in_features} → {linear.out_features})")
-        W = linear.weight.detach()
+            raise ValueError(f"{why} of this layer ({in_f} → {out_f})")
+        rewrites = meth.rewrites_base_for(cfg)
+        refusal = base.requantize_refusal() if rewrites else None
+        if refusal:
+            raise ValueError(f"method {cfg.method!r} rewrites the base weight, but {refusal}: use a method that "
+                             "keeps the base (lora, roselora, lalora, lora_null with lora_null_init='basis')")
+        W = base.dense()
         if generator is None and cfg.init_seed is not None:
             generator = torch.Generator(device=W.device).manual_seed(cfg.init_seed)
-        init = meth.initialize(W.to(compute_dtype(W.dtype)), cfg.r, cfg.scaling, cfg,
+        W = W.to(compute_dtype(W.dtype))
+        init = meth.initialize(W, cfg.r, cfg.scaling, cfg,
                                covariance=None if covariance is None else covariance.to(W.device),
                                generator=generator)
-        layer = cls(linear.in_features, linear.out_features, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                    bias=linear.bias is not None, method=cfg.method, use_rslora=cfg.use_rslora,
-                    has_rank_scale=init.rank_scale is not None, device=W.device, dtype=W.dtype)
+        if base.quantized_format is None:
+            layer = cls(in_f, out_f, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, bias=base.bias is not None,
+                        method=cfg.method, use_rslora=cfg.use_rslora, has_rank_scale=init.rank_scale is not None,
+                        device=W.device, dtype=base.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(init.weight)
+                if base.bias is not None:
+                    layer.bias.copy_(base.bias)
+        else:
+            from .quantized_layer import QuantizedLoRALinear
+
+            layer = QuantizedLoRALinear.around(base, cfg, init, rewrites, original=W)
         with torch.no_grad():
-            layer.weight.copy_(init.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
             layer.lora_A.copy_(init.lora_A)
             layer.lora_B.copy_(init.lora_B)
             if init.rank_scale is not None:
@@ -135,6 +178,11 @@ class LoRALinear(nn.Module):
             SPARSITY[piece].attach(self, cfg)
 
     # --------------------------------------------------------------------------------------------- computing
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The float dtype of the base weight (a quantized base: the dtype it was quantized from)."""
+        return self.weight.dtype
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input if input.dtype == self.weight.dtype else input.to(self.weight.dtype)
         if self.merged:
@@ -146,7 +194,7 @@ class LoRALinear(nn.Module):
     def effective_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A⊙mask_A (r, in), (B⊙mask_B) diag(d) (out, r))``: the adapter as one plain LoRA pair, detached, in
         float32 (float64 for float64 bases) or ``dtype``."""
-        dt = dtype or compute_dtype(self.weight.dtype)
+        dt = dtype or compute_dtype(self.base_dtype)
         A = self.lora_A.detach().to(dt)
         B = self.lora_B.detach().to(dt)
         if self.mask_A is not None:

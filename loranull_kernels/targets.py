@@ -1,8 +1,9 @@
 """Which modules of a model get adapters: ``AdapterConfig.target_modules`` / ``exclude_modules`` resolved to names.
 
 One resolver shared by :func:`~loranull_kernels.inject` and :func:`~loranull_kernels.calibrate`, so both always
-agree on the set of layers. Linear-like modules are the kinds of :mod:`~loranull_kernels.base_weight`: ``nn.Linear``
-and Hugging Face's GPT-2 ``Conv1D`` (a linear layer whose weight is stored transposed, ``(in, out)``).
+agree on the set of layers. Linear-like modules are the kinds of :mod:`~loranull_kernels.base_weights`: ``nn.Linear``,
+Hugging Face's GPT-2 ``Conv1D`` (a linear layer whose weight is stored transposed, ``(in, out)``), and the quantized
+linears of bitsandbytes (4-bit, 8-bit) and torchao.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .base_weight import base_weight
+from .base_weights import base_weight
 from .config import check_exclude_modules
 
 # Modules (or the parents of modules) with these names are task heads trained from scratch, never adapted by
@@ -26,8 +27,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for the modules an adapter can be put on: every kind of :mod:`~loranull_kernels.base_weight`
-    (``nn.Linear`` and subclasses, GPT-2's ``Conv1D``)."""
+    """True for the modules an adapter can be put on: every kind of :mod:`~loranull_kernels.base_weights`
+    (``nn.Linear`` and subclasses, GPT-2's ``Conv1D``, bitsandbytes' and torchao's quantized linears)."""
     return base_weight(module) is not None
 
 
@@ -37,12 +38,6 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if base is None:  # LoRALinear has nn.Linear's attributes without being one
         return module.in_features, module.out_features
     return base.in_features, base.out_features
-
-
-def as_linear(module: nn.Module) -> nn.Linear:
-    """The module itself for ``nn.Linear``; otherwise an ``nn.Linear`` computing the same function (a copy, with
-    the weight in (out, in) layout) on the same device and dtype."""
-    return base_weight(module).to_linear()
 
 
 def _suffix_match(name: str, suffixes: Iterable[str]) -> bool:
@@ -164,7 +159,7 @@ def check_materialized(targets: Iterable[tuple[str, nn.Module]], what: str) -> N
     (``device_map`` entries ``"cpu"`` / ``"disk"`` beside GPUs, ``cpu_offload``) keeps weights there and loads them
     only inside the module's forward, but an adapter is built from the weight itself."""
     bases = ((n, base_weight(m)) for n, m in targets)
-    offloaded = [n for n, base in bases if base is not None and base.dense().device.type == "meta"]
+    offloaded = [n for n, base in bases if base is not None and base.device.type == "meta"]
     if offloaded:
         more = f" (and {len(offloaded) - 1} more)" if len(offloaded) > 1 else ""
         raise ValueError(f"{what}: the weight of {offloaded[0]!r}{more} is on the meta device (offloaded by "

@@ -30,7 +30,7 @@ def to_plain_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]
     """
     if not isinstance(layer, LoRALinear):
         raise TypeError(f"to_plain_lora needs a LoRALinear, got {type(layer).__name__}")
-    cd = compute_dtype(layer.weight.dtype)
+    cd = compute_dtype(layer.base_dtype)
     A, B = layer.effective_factors(cd)
     if layer.lora_A0 is not None:
         A = torch.cat([A, layer.lora_A0.to(cd)], dim=0)

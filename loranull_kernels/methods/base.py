@@ -135,6 +135,8 @@ class Method:
         solve_calibration(covariances, config, dtype): for calibrated methods, an optional batched pre-solve of
             a group of layers' covariances; returns ``(solved, note)`` for
             :class:`~loranull_kernels.nullspace.precomputed` and the progress output.
+        base_unchanged(config): for a base-rewriting method, True when this config leaves the base untouched
+            (the returned ``weight`` is W itself), so a quantized base is kept as it is (:meth:`rewrites_base_for`).
     """
 
     name: str
@@ -147,6 +149,13 @@ class Method:
     check_config: Optional[Callable[[Any], None]] = None
     check_layer: Optional[Callable[[Any, int, int], Optional[str]]] = None
     solve_calibration: Optional[Callable[..., tuple[list, str]]] = None
+    base_unchanged: Optional[Callable[[Any], bool]] = None
+
+    def rewrites_base_for(self, config) -> bool:
+        """Whether the initialiser changes the base under ``config`` (:attr:`rewrites_base`, unless
+        :attr:`base_unchanged` says this config leaves it as it is: LoRA-Null's ``init="basis"``). A quantized
+        base must then be re-quantized."""
+        return self.rewrites_base and not (self.base_unchanged is not None and self.base_unchanged(config))
 
 
 def split_singular(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float):

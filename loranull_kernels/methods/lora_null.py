@@ -106,4 +106,5 @@ METHOD = Method(
              choice("lora_null_init", "svd", ("svd", "basis")),
              flag("normalize_calibration", False)),
     check_config=check_config, check_layer=check_layer, solve_calibration=solve_calibration,
+    base_unchanged=lambda config: config.lora_null_init == "basis",
 )

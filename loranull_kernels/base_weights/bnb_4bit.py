@@ -1,0 +1,101 @@
+"""bitsandbytes ``Linear4bit`` (QLoRA's NF4, or FP4; with or without double quantization), kept 4-bit."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops.lora_linear.quantized_weight import QuantizedWeight
+from . import _bnb
+from .base import BaseWeight
+
+
+class Bnb4bitLinear(BaseWeight):
+    """A quantized ``bitsandbytes.nn.Linear4bit`` (``weight`` a ``Params4bit`` holding packed 4-bit codes and its
+    ``quant_state``). Read in place as an ``"nf4"`` / ``"fp4"`` :class:`QuantizedWeight`; re-quantized with the
+    layer's own blocksize, quant type, double quantization and storage dtype.
+
+    CPU trap (docs/design.md#quantized-bases): on CPUs with AVX512-BF16, bitsandbytes' first eval-mode forward
+    without gradients repacks the weight in place into a CPU-only layout (``quant_state.packing_format_for_cpu``),
+    which its ``dequantize_4bit`` then reads wrongly, without an error. :meth:`prepare` switches that repacking off
+    (``support_avx512bf16_for_cpu = False``) and :meth:`quantized` undoes a repacking that already happened.
+    """
+
+    quantized_format = "4bit"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        bnb = _bnb.module()
+        return (bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+                and getattr(module.weight, "quant_state", None) is not None)
+
+    @property
+    def quant_state(self):
+        return self.module.weight.quant_state
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_state.dtype
+
+    def compute_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        # As Linear4bit.forward: its compute_dtype when set (transformers' bnb_4bit_compute_dtype), else the input's.
+        return self.module.compute_dtype or input_dtype
+
+    def prepare(self) -> None:
+        self.module.support_avx512bf16_for_cpu = False
+        self._unpack_cpu_layout()
+
+    def _unpack_cpu_layout(self) -> None:
+        state = self.quant_state
+        if not getattr(state, "packing_format_for_cpu", False):
+            return
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        # bitsandbytes' own inverse (what its state_dict and .cuda() use). It re-quantizes double-quantized
+        # statistics, so the scales may move by their 8-bit rounding: say so once.
+        if state.original_nested:
+            warnings.warn(f"{self.kind}: the weight had been repacked for bitsandbytes' CPU inference (an eval-mode "
+                          "forward without gradients); unpacking it re-quantized its double-quantized scales",
+                          stacklevel=3)
+        w = self.module.weight
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, state)
+        self.module.quant_state = w.quant_state
+        self.module.support_avx512bf16_for_cpu = False
+
+    def quantized(self) -> QuantizedWeight:
+        self._unpack_cpu_layout()
+        s = self.quant_state
+        data = self.module.weight.data
+        if data.dtype != torch.uint8:  # quant_storage (e.g. bf16 for FSDP) is a container for the same bytes
+            data = data.view(torch.uint8)
+        nested = bool(s.nested)
+        return QuantizedWeight(
+            s.quant_type, data.reshape(-1), (int(s.shape[0]), int(s.shape[1])), absmax=s.absmax, code=s.code,
+            blocksize=int(s.blocksize),
+            absmax_code=s.state2.code if nested else None, absmax_scale=s.state2.absmax if nested else None,
+            absmax_blocksize=int(s.state2.blocksize) if nested else 0,
+            absmax_offset=s.offset.float().reshape(()) if nested else None)
+
+    def dense(self) -> torch.Tensor:
+        return self.quantized().dequantize(self.dtype)
+
+    def requantize(self, weight: torch.Tensor) -> nn.Module:
+        import bitsandbytes as bnb
+
+        old, s = self.module, self.quant_state
+        data, state = bnb.functional.quantize_4bit(
+            weight.detach().to(s.dtype).contiguous(), blocksize=int(s.blocksize), compress_statistics=bool(s.nested),
+            quant_type=s.quant_type, quant_storage=old.quant_storage)
+        new = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=False, compute_dtype=old.compute_dtype,
+                                compress_statistics=bool(s.nested), quant_type=s.quant_type,
+                                quant_storage=old.quant_storage, device="meta")
+        new.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=int(s.blocksize),
+                                       compress_statistics=bool(s.nested), quant_type=s.quant_type,
+                                       quant_storage=old.quant_storage, module=new, bnb_quantized=True)
+        new.quant_state = state
+        new.bias = old.bias  # the same Parameter: a bias is never copied
+        new.compute_type_is_set = old.compute_type_is_set
+        new.support_avx512bf16_for_cpu = False
+        new.train(old.training)
+        return new
