@@ -419,7 +419,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         W = base_weight(module).dense()
         _check_fingerprint(name, _fingerprint(W.to(compute_dtype(W.dtype))), tensors[f"{name}.base_fingerprint"],
                            W.dtype, info["base_dtype"])
-        refusal = base_weight(module).requantize_refusal()
+        refusal = base_weight(module).requantize_refusal() if cfg.quantized_rewrite == "requantize" else None
         if refusal and f"{name}.lora_B0" in tensors and bool(tensors[f"{name}.lora_B0"].any()):
             raise ValueError(f"load_adapter: the adapter of {name!r} rewrote its base ({cfg.method!r}), but "
                              f"{refusal}: load it onto a dense or bitsandbytes-quantized copy of the model")

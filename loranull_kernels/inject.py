@@ -33,14 +33,13 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: AdapterConfig) ->
         raise ValueError(f"AdapterConfig.r={r} exceeds min(in_features, out_features) = {min(i, o)} of layer "
                          f"{name!r} (in={i}, out={o}){more}: lower r or exclude the layer")
     method = get_method(config.method)
-    if method.rewrites_base_for(config):
+    if method.rewrites_base_for(config) and config.quantized_rewrite == "requantize":
         refused = [(n, why) for n, m in targets for why in [base_weight(m).requantize_refusal()] if why]
         if refused:
             name, why = refused[0]
             more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-            raise ValueError(f"method {config.method!r} rewrites the base weight, but for layer {name!r}{more} "
-                             f"{why}: use a method that keeps the base (lora, roselora, lalora, lora_null with "
-                             "lora_null_init='basis'), or exclude those layers")
+            raise ValueError(f"AdapterConfig.quantized_rewrite='requantize' with method {config.method!r}, but for "
+                             f"layer {name!r}{more} {why}: use quantized_rewrite='low_rank', or exclude those layers")
     check = method.check_layer
     refused = [(n, linear_shape(m), why) for n, m in targets if check
                for why in [check(config, *linear_shape(m))] if why]

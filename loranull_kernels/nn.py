@@ -126,10 +126,10 @@ class LoRALinear(nn.Module):
         if why:
             raise ValueError(f"{why} of this layer ({in_f} → {out_f})")
         rewrites = meth.rewrites_base_for(cfg)
-        refusal = base.requantize_refusal() if rewrites else None
+        refusal = base.requantize_refusal() if rewrites and cfg.quantized_rewrite == "requantize" else None
         if refusal:
-            raise ValueError(f"method {cfg.method!r} rewrites the base weight, but {refusal}: use a method that "
-                             "keeps the base (lora, roselora, lalora, lora_null with lora_null_init='basis')")
+            raise ValueError(f"AdapterConfig.quantized_rewrite='requantize' with method {cfg.method!r}, but "
+                             f"{refusal}: use quantized_rewrite='low_rank'")
         W = base.dense()
         if generator is None and cfg.init_seed is not None:
             generator = torch.Generator(device=W.device).manual_seed(cfg.init_seed)
@@ -212,7 +212,7 @@ class LoRALinear(nn.Module):
 
     def original_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The pre-trained W the adapter was built from: ``weight + s·B0A0`` (unmerged), in float32/64 or ``dtype``."""
-        dt = dtype or compute_dtype(self.weight.dtype)
+        dt = dtype or compute_dtype(self.base_dtype)
         W = self.weight.detach().to(dt)
         if self.merged:
             W = W - self.delta_weight(dt)

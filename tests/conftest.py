@@ -5,6 +5,7 @@ Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The va
 """
 import os
 import random
+import sys
 import zlib
 
 import pytest
@@ -43,3 +44,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    saved = sys.modules.get("tests.quantized_models")
+    if saved is not None:  # the tiny models saved for the quantized-base tests
+        saved.clear()

@@ -52,15 +52,22 @@ class Bnb4bitLinear(BaseWeight):
             return
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        # bitsandbytes' own inverse (what its state_dict and .cuda() use). It re-quantizes double-quantized
-        # statistics, so the scales may move by their 8-bit rounding: say so once.
-        if state.original_nested:
-            warnings.warn(f"{self.kind}: the weight had been repacked for bitsandbytes' CPU inference (an eval-mode "
-                          "forward without gradients); unpacking it re-quantized its double-quantized scales",
-                          stacklevel=3)
+        # bitsandbytes' own inverse (what its state_dict and .cuda() use). The repacking had rounded the block
+        # scales to bfloat16 (and the inverse re-quantizes double-quantized ones): the weight is no longer exactly
+        # the one loaded, so say so.
+        warnings.warn(f"{self.kind}: this Linear4bit had been repacked for bitsandbytes' CPU inference (an eval-mode "
+                      "forward without gradients, before loranull_kernels switched that off); unpacked again, its "
+                      "block scales keep the bfloat16 rounding the repacking gave them (relative error ≤ 2⁻⁸). "
+                      "Inject before running the model in eval mode to keep the weights exactly as loaded",
+                      stacklevel=3)
         w = self.module.weight
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, state)
-        self.module.quant_state = w.quant_state
+        state = w.quant_state
+        if not state.nested and state.absmax.dim() == 2:
+            # bitsandbytes 0.50's inverse restores the scales only when double-quantized: otherwise they stay in
+            # the repacked (K / blocksize, N) bfloat16 layout, which every 4-bit reader then takes for the flat one.
+            state.absmax = state.absmax.t().reshape(-1).float().contiguous()
+        self.module.quant_state = state
         self.module.support_avx512bf16_for_cpu = False
 
     def quantized(self) -> QuantizedWeight:
