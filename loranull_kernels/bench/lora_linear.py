@@ -5,7 +5,14 @@ Providers (docs/performance.md): ``frozen`` nn.Linear (the denominator: forward 
 PEFT ``LoraLayer``, eager), ``lk-torch`` (our PyTorch backend) and ``lk-triton`` (our Triton kernels; GPU only: the
 CPU interpreter is for testing, not timing). Modes: ``forward``, ``backward``, ``full`` (forward + backward).
 
-Every provider's output and gradients are checked against the float64 reference (dropout 0) before timing.
+``--base nf4`` runs the same providers over a bitsandbytes NF4 base (double-quantized, as QLoRA loads it):
+``frozen`` is then the frozen ``Linear4bit``, ``naive`` dequantizes and runs the reference, ``peft`` is PEFT's own
+``Linear4bit`` LoRA layer, ours take the packed weight (:class:`~loranull_kernels.ops.lora_linear.quantized_weight.
+QuantizedWeight`).
+
+Every provider's output and gradients are checked against the float64 reference (dropout 0) before timing. Each row
+also records what the provider's autograd saves for the backward (``saved_mb``, any device) and, on CUDA, its peak
+memory.
 Providers alternate round by round; each ratio is reported as the median over the rounds with its min and max
 (a round times every provider back to back, so a busy machine widens the spread instead of biasing one provider).
 Results: a CSV (device, versions, date and commit in each row) and a PNG plot in ``--out-dir`` (default
@@ -14,6 +21,7 @@ Results: a CSV (device, versions, date and commit in each row) and a PNG plot in
     loranull-bench                 # CPU: M = 1024 and 4096, K = N = 1024, r = 16 and 64, fp32; GPU: the full sweep
     loranull-bench --quick         # one shape, fewer repetitions (the main job's default)
     loranull-bench --out-dir benchmarks/results    # rewrite the committed results of a checkout
+    loranull-bench --base nf4      # the same over a 4-bit (QLoRA) base: needs bitsandbytes (the quant extra)
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from . import harness
 
 PROVIDERS = ("frozen", "naive", "peft", "lk-torch", "lk-triton")
 MODES = ("forward", "backward", "full")
+BASES = ("dense", "nf4")
 
 
 @dataclass(frozen=True)
@@ -43,24 +52,42 @@ class Case:
     r: int
     dropout: float
     dtype: torch.dtype
+    base: str = "dense"
 
     def label(self) -> str:
-        return f"M={self.M} K={self.K} N={self.N} r={self.r} p={self.dropout} {str(self.dtype).replace('torch.', '')}"
+        return (f"M={self.M} K={self.K} N={self.N} r={self.r} p={self.dropout} {str(self.dtype).replace('torch.', '')}"
+                + ("" if self.base == "dense" else f" base={self.base}"))
 
 
-def _peft_layer(weight, bias, A, B, case: Case):
-    """A real PEFT LoRA layer around an nn.Linear holding `weight`, with our A/B copied in (None without peft)."""
+def _base_layer(weight, bias, case: Case) -> torch.nn.Module:
+    """The frozen base layer holding ``weight``: an ``nn.Linear``, or for ``base="nf4"`` a bitsandbytes
+    ``Linear4bit`` (NF4, double-quantized, computing in the case's dtype) quantized from it."""
+    N, K = weight.shape
+    if case.base == "dense":
+        layer = torch.nn.Linear(K, N, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    else:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(K, N, bias=bias is not None, compute_dtype=case.dtype, compress_statistics=True,
+                                  quant_type="nf4")
+        layer.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU inference layout: docs/design.md
+    with torch.no_grad():
+        layer.weight.data = weight.detach().clone() if case.base == "dense" else weight.detach().cpu().clone()
+        if bias is not None:
+            layer.bias.data = bias.detach().clone()
+    return layer.to(weight.device).requires_grad_(False)
+
+
+def _peft_layer(base_layer, A, B, case: Case):
+    """A real PEFT LoRA layer (``lora.Linear``, or PEFT's bitsandbytes ``Linear4bit``) around ``base_layer``, with
+    our A/B copied in (None without peft)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         return None
-    N, K = weight.shape
     holder = torch.nn.Sequential()
-    holder.add_module("proj", torch.nn.Linear(K, N, bias=bias is not None, device=weight.device, dtype=weight.dtype))
-    with torch.no_grad():
-        holder.proj.weight.copy_(weight)
-        if bias is not None:
-            holder.proj.bias.copy_(bias)
+    holder.add_module("proj", base_layer)
+    holder.is_loaded_in_4bit = case.base == "nf4"  # how PEFT picks its bitsandbytes layer (as for an HF model)
     cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"])
     model = get_peft_model(holder, cfg)
     layer = model.base_model.model.proj
@@ -82,16 +109,25 @@ def make_providers(case: Case, device: torch.device, generator_seed: int = 0):
     scaling = 2.0
     providers = {}
 
-    linear = torch.nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
+    linear = _base_layer(weight, bias, case)
     providers["frozen"] = (linear, [])
+    peft_model = _peft_layer(_base_layer(weight, bias, case), A, B, case)  # its own copy of the base
+    if case.base == "dense":
+        base = weight
+    else:
+        from ..base_weights import base_weight
+
+        base = base_weight(linear).quantized()  # the packed NF4 weight, read in place
+        weight = base.dequantize(dt)  # what the base computes: the reference's weight from here on
 
     nA, nB = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-    providers["naive"] = (lambda x: reference.lora_linear(x, weight, nA, nB, scaling, bias=bias, dropout_p=case.dropout), [nA, nB])
+    if case.base == "dense":
+        providers["naive"] = (lambda x: reference.lora_linear(x, weight, nA, nB, scaling, bias=bias,
+                                                              dropout_p=case.dropout), [nA, nB])
+    else:  # dequantize, then plain PyTorch LoRA: what a QLoRA layer without a fused kernel does
+        providers["naive"] = (lambda x: reference.lora_linear(x, base.dequantize(dt), nA, nB, scaling, bias=bias,
+                                                              dropout_p=case.dropout), [nA, nB])
 
-    peft_model = _peft_layer(weight, bias, A, B, case)
     if peft_model is not None:
         providers["peft"] = (peft_model, [p for p in peft_model.parameters() if p.requires_grad])
 
@@ -102,7 +138,7 @@ def make_providers(case: Case, device: torch.device, generator_seed: int = 0):
 
         def fn(x, lA=lA, lB=lB, name=name):
             with lk_backend.use(name):
-                return lora_linear(x, weight, lA, lB, scaling, bias=bias, dropout_p=case.dropout)
+                return lora_linear(x, base, lA, lB, scaling, bias=bias, dropout_p=case.dropout)
 
         providers[f"lk-{name}"] = (fn, [lA, lB])
     return providers, (weight, bias, A, B, scaling)
@@ -175,18 +211,21 @@ def run_case(case: Case, device: torch.device, rounds: int, warmup: int) -> list
         fns = {name: _closures(fn, params, x, dy, mode) for name, (fn, params) in providers.items()}
         timings = harness.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
         peaks = _peak_memory(providers, x, dy, device) if mode == "full" and device.type == "cuda" else {}
+        saved = _saved_bytes(providers, x) if mode == "full" else {}
         predicted = _predicted_ratio(case, device, mode)
         for name, t in timings.items():
             ratio = harness.ratio_spread(t, timings["frozen"])
             vs_peft = harness.ratio_spread(timings["peft"], t) if "peft" in timings else {}
             rows.append(dict(op="lora_linear", M=case.M, K=case.K, N=case.N, r=case.r, dropout=case.dropout,
-                             dtype=str(case.dtype).replace("torch.", ""), provider=name, mode=mode, rounds=rounds,
+                             dtype=str(case.dtype).replace("torch.", ""), base=case.base, provider=name, mode=mode,
+                             rounds=rounds,
                              median_ms=t["median_ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], p20_ms=t["p20_ms"],
                              p80_ms=t["p80_ms"], ratio_to_frozen=ratio["median"], ratio_min=ratio["min"],
                              ratio_max=ratio["max"], peft_over_this=vs_peft.get("median", float("nan")),
                              peft_over_this_min=vs_peft.get("min", float("nan")),
                              peft_over_this_max=vs_peft.get("max", float("nan")),
                              peak_mem_mb=peaks.get(name, float("nan")),
+                             saved_mb=saved.get(name, float("nan")),
                              roofline_ratio=predicted if name == "lk-triton" else float("nan")))
     return rows
 
@@ -206,6 +245,27 @@ def _predicted_ratio(case: Case, device: torch.device, mode: str) -> float:
                             device=rates).ratio  # make_providers gives every layer a bias
 
 
+def _saved_bytes(providers, x) -> dict:
+    """MiB of the tensors each provider's autograd keeps for its backward (counted once per storage; x, which the
+    caller holds anyway, and the parameters excluded): where a dense copy of a quantized base would show."""
+    out = {}
+    for name, (fn, params) in providers.items():
+        seen: dict[tuple, int] = {}
+        own = {t.untyped_storage().data_ptr() for t in [x, *params]}
+
+        def pack(t):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                key = (t.untyped_storage().data_ptr(), t.device)
+                if key[0] not in own:
+                    seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        out[name] = sum(seen.values()) / 2**20
+    return out
+
+
 def _peak_memory(providers, x, dy, device) -> dict:
     out = {}
     for name, (fn, params) in providers.items():
@@ -221,16 +281,17 @@ def _peak_memory(providers, x, dy, device) -> dict:
     return out
 
 
-def default_cases(device: torch.device, quick: bool) -> list[Case]:
+def default_cases(device: torch.device, quick: bool, base: str = "dense") -> list[Case]:
+    """The sweep: the reference shape (quick), or the full grid; an NF4 base runs the reference shape only."""
     if device.type == "cuda":
         dt = torch.bfloat16
-        if quick:
-            return [Case(8192, 4096, 4096, 16, p, dt) for p in (0.0, 0.1)]
+        if quick or base != "dense":
+            return [Case(8192, 4096, 4096, 16, p, dt, base) for p in (0.0, 0.1)]
         return [Case(M, K, N, r, p, dt) for M, (K, N), r, p in itertools.product(
             (512, 2048, 8192, 16384), ((4096, 4096), (4096, 11008), (11008, 4096)), (8, 16, 64, 128), (0.0, 0.1))]
     dt = torch.float32
-    if quick:
-        return [Case(4096, 1024, 1024, 16, p, dt) for p in (0.0, 0.1)]
+    if quick or base != "dense":
+        return [Case(4096, 1024, 1024, 16, p, dt, base) for p in (0.0, 0.1)]
     return [Case(M, 1024, 1024, r, p, dt) for M, r, p in itertools.product((1024, 4096), (16, 64), (0.0, 0.1))]
 
 
@@ -246,7 +307,9 @@ def table(rows: list[dict]) -> str:
     names = [p for p in PROVIDERS if p != "frozen" and any(r["provider"] == p for r in full)]
     rounds = max((r["rounds"] for r in full), default=0)
     roofline = any(not math.isnan(r.get("roofline_ratio", math.nan)) for r in full)
-    lines = [f"fwd+bwd time / frozen nn.Linear fwd+bwd: median [min-max] over {rounds} interleaved rounds "
+    bases = {r.get("base", "dense") for r in full}
+    frozen = "nn.Linear" if bases <= {"dense"} else "bitsandbytes NF4 Linear4bit" if bases == {"nf4"} else "base"
+    lines = [f"fwd+bwd time / frozen {frozen} fwd+bwd: median [min-max] over {rounds} interleaved rounds "
              "(lower is better)" + ("; roofline: the model's prediction for lk-triton" if roofline else ""),
              f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} " + " ".join(f"{n:>18}" for n in names)
              + f" {'peft / lk':>18}" + (f" {'roofline':>9}" if roofline else "")]
@@ -284,7 +347,8 @@ def plot(rows: list[dict], path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"M={c[0]}\nK={c[1]} N={c[2]}\nr={c[3]} p={c[4]}" for c in cases], fontsize=7)
-    ax.set_ylabel("fwd+bwd time / frozen nn.Linear")
+    ax.set_ylabel("fwd+bwd time / frozen " + ("nn.Linear" if full[0].get("base", "dense") == "dense"
+                                              else f"{full[0]['base'].upper()} base"))
     env = harness.environment()
     ax.set_title(f"LoRA linear on {env['device']} ({full[0]['dtype']})", fontsize=9)
     ax.legend(fontsize=8)
@@ -304,6 +368,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=_cli.probability, nargs="+", default=[0.0, 0.1],
                    help="dropout values in [0, 1) (with --M)")
     p.add_argument("--rounds", type=_cli.positive_int, default=None, help="timed rounds per provider (≥ 1)")
+    p.add_argument("--base", choices=BASES, default="dense",
+                   help="the frozen base: a dense nn.Linear, or a bitsandbytes NF4 Linear4bit (QLoRA; needs "
+                        "bitsandbytes: pip install 'loranull-kernels[quant]')")
     p.add_argument("--name", default="lora_linear", help="CSV/PNG base name")
     p.add_argument("--out-dir", default=None,
                    help="where to write the CSV and PNG (default: $LORANULL_RESULTS or ~/.cache/loranull_kernels/"
@@ -321,13 +388,19 @@ def main(argv=None) -> list[dict]:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         p.error(f"--name {args.name!r}: use letters, digits, '_', '-' or '.' (it becomes a file name)")
 
+    if args.base != "dense":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            p.error(f"--base {args.base} needs bitsandbytes: pip install 'loranull-kernels[quant]'")
     device = args.device or _cli.default_device()
     if args.M:
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
         K = args.K or (4096 if device.type == "cuda" else 1024)
-        cases = [Case(M, K, args.N or K, r, p, dt) for M, r, p in itertools.product(args.M, args.r, args.dropout)]
+        cases = [Case(M, K, args.N or K, r, p, dt, args.base)
+                 for M, r, p in itertools.product(args.M, args.r, args.dropout)]
     else:
-        cases = default_cases(device, args.quick)
+        cases = default_cases(device, args.quick, args.base)
     rounds = args.rounds or (7 if args.quick else 15)
     warmup = 2 if device.type == "cpu" else 10
 
@@ -336,7 +409,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for case in tqdm(cases, desc="lora_linear benchmark", unit="shape"):
         rows.extend(run_case(case, device, rounds=rounds, warmup=warmup))
-    name = args.name + ("_quick" if args.quick and not args.M else "")
+    name = args.name + ("" if args.base == "dense" else f"_{args.base}") + ("_quick" if args.quick and not args.M else "")
     csv_path, png_path = (harness.results_path(name, ext, device, args.out_dir) for ext in ("csv", "png"))
     harness.write_csv(rows, csv_path, device)
     plot(rows, png_path)

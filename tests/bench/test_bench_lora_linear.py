@@ -35,3 +35,29 @@ def test_provider_check_catches_a_wrong_provider():
     providers["lk-torch"] = (lambda x: fn(x) * 1.01, params)
     with pytest.raises(AssertionError, match="lk-torch"):
         bench.check_providers(providers, inputs, case, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_nf4_base_rows(tmp_path, capsys):
+    """``--base nf4``: the providers over a bitsandbytes NF4 base, PEFT's own Linear4bit LoRA layer among them, each
+    checked against the reference on the dequantized weight; ours keeps no dense copy of the base for the backward."""
+    pytest.importorskip("bitsandbytes")
+    rows = bench.main(["--base", "nf4", "--M", "64", "--K", "128", "--N", "64", "--r", "4", "--dropout", "0",
+                       "--rounds", "2", "--out-dir", str(tmp_path), "--device", "cpu"])
+    full = {r["provider"]: r for r in rows if r["mode"] == "full"}
+    assert {"frozen", "naive", "peft", "lk-torch"} <= set(full) and {r["base"] for r in rows} == {"nf4"}
+    dense_mb = 128 * 64 * 4 / 2**20
+    assert full["lk-torch"]["saved_mb"] < dense_mb  # packed data and scales, never the float32 weight
+    assert full["naive"]["saved_mb"] >= dense_mb  # the naive path keeps the dequantized copy
+    (csv_file,) = tmp_path.glob("lora_linear_nf4_*.csv")
+    assert "frozen bitsandbytes NF4 Linear4bit" in capsys.readouterr().out
+
+
+def test_nf4_provider_check_catches_a_wrong_weight():
+    pytest.importorskip("bitsandbytes")
+    case = bench.Case(32, 128, 64, 4, 0.0, torch.float32, "nf4")
+    providers, inputs = bench.make_providers(case, torch.device("cpu"))
+    bench.check_providers(providers, inputs, case, torch.device("cpu"))
+    weight, *rest = inputs
+    with pytest.raises(AssertionError, match="frozen"):
+        bench.check_providers(providers, (weight * 1.01, *rest), case, torch.device("cpu"))
