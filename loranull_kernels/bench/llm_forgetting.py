@@ -67,12 +67,15 @@ class LLMBenchmarkConfig:
     curvature_batches: int = 8
     curvature_batch: int = 8
     methods: tuple[str, ...] | None = None
+    quantize: str | None = None  # "nf4": the base is quantized as QLoRA loads it (llm_model.quantize)
 
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         if self.steps < 1 or self.batch_size < 1 or self.r < 1:
             raise ValueError("steps, batch_size and r must be ≥ 1")
+        if self.quantize is not None and self.quantize not in llm_model.QUANTIZATIONS:
+            raise ValueError(f"quantize={self.quantize!r}: choose one of {llm_model.QUANTIZATIONS} or None")
 
     def key(self) -> str:
         """A short hash of every field that changes a run (not ``methods`` and ``seeds``, which only pick runs)."""
@@ -117,8 +120,9 @@ class LLMSetup:
 
 def prepare(cfg: LLMBenchmarkConfig, model_spec: str = llm_model.DEFAULT_MODEL, device=None, model=None,
             tokenizer=None, name: str | None = None, facts: list | None = None, progress: bool = True) -> LLMSetup:
-    """Load the model (or take ``model`` and ``tokenizer`` as given, named ``name``), keep the probe facts it knows
-    (cached by its hash), split them, and build the task and every batch.
+    """Load the model (or take ``model`` and ``tokenizer`` as given, named ``name``), quantize it when
+    ``cfg.quantize`` says so (the name gains ``-nf4``), keep the probe facts it knows (cached by its hash), split
+    them, and build the task and every batch.
 
     Raises:
         RuntimeError: the model knows fewer than 8 probe facts (no retention to measure).
@@ -131,6 +135,9 @@ def prepare(cfg: LLMBenchmarkConfig, model_spec: str = llm_model.DEFAULT_MODEL, 
             print(f"loading {source.spec} ({source.path}{'/' + source.gguf_file if source.gguf_file else ''})")
         model, tokenizer = llm_model.load(source, device)
         name = source.name
+    if cfg.quantize:
+        model = llm_model.quantize(model.to(device), cfg.quantize)
+        name = f"{name or 'model'}-{cfg.quantize}"
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -252,13 +259,20 @@ def _run_cache(setup: LLMSetup, method, lr: float, seed: int):
     return harness.cache_dir() / "llm_runs" / setup.key / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
 
 
+def entries(cfg: LLMBenchmarkConfig) -> list:
+    """The method rows (:func:`.forgetting.methods`) this configuration runs: on a quantized base, every adapter
+    method but not full fine-tuning (a 4-bit weight has no gradient to train)."""
+    rows = methods(cfg)
+    return [m for m in rows if m.family != "full"] if cfg.quantize else rows
+
+
 def run(cfg: LLMBenchmarkConfig = FULL, model_spec: str = llm_model.DEFAULT_MODEL, device=None,
         progress: bool = True, setup: LLMSetup | None = None, cache: bool = True) -> dict:
     """The whole protocol on one model. Returns ``{"runs": [...], "setup": LLMSetup, "seconds": ...}``; each run
     row carries ``selected`` (at its method's selected learning rate) and ``cached`` (loaded from an earlier run)."""
     start = time.perf_counter()
     setup = setup or prepare(cfg, model_spec, device, progress=progress)
-    todo = methods(cfg)
+    todo = entries(cfg)
     by_name = {m.name: m for m in todo}
     bar = tqdm(total=protocol_size(todo, cfg.seeds), desc=f"forgetting benchmark on {setup.name}", unit="run",
                disable=not progress)

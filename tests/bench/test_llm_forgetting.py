@@ -189,7 +189,7 @@ def _read(path):
 
 def check_runs(runs, cfg, setup):
     """The protocol's invariants on any model's run rows."""
-    todo = llm_forgetting.methods(cfg)
+    todo = llm_forgetting.entries(cfg)
     assert list(dict.fromkeys(r["method"] for r in runs)) == [m.name for m in todo]
     for m in todo:
         mine = [r for r in runs if r["method"] == m.name]
@@ -242,6 +242,57 @@ def test_pipeline_on_a_tiny_llama(tmp_path):
     assert all(r["cached"] for r in again)
     assert [(r["method"], r["lr"], r["seed"], r["retention"]) for r in again] == [
         (r["method"], r["lr"], r["seed"], r["retention"]) for r in runs]
+
+
+def test_quantize_builds_the_layers_transformers_loads(tmp_path):
+    """llm_model.quantize (in memory, for GGUF sources) against transformers' own 4-bit loading of the same
+    weights: the same layers, the same packed bytes and scales, the head left in full precision."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import transformers as tf
+
+    model, _ = tiny_llama()
+    model.save_pretrained(tmp_path / "float")
+    ours = llm_model.quantize(copy_of(model))
+    theirs = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    a, b = dict(ours.named_modules()), dict(theirs.named_modules())
+    quantized = [n for n, m in b.items() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and sorted(quantized) == sorted(n for n, m in a.items() if isinstance(m, bnb.nn.Linear4bit))
+    assert type(a["lm_head"]) is torch.nn.Linear
+    for n in quantized:
+        qa, qb = a[n].weight.quant_state, b[n].weight.quant_state
+        assert torch.equal(a[n].weight.data, b[n].weight.data), n
+        assert torch.equal(qa.absmax, qb.absmax) and qa.nested and qb.nested and qa.quant_type == "nf4", n
+        assert a[n].compute_dtype == b[n].compute_dtype == torch.float32
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_pipeline_on_a_tiny_nf4_llama(tmp_path):
+    """--quantize nf4: the same protocol on the 4-bit base (no full fine-tuning row); the adapters keep the base
+    quantized and the output-preserving inits leave recall as it was."""
+    pytest.importorskip("bitsandbytes")
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, quantize="nf4", seeds=(0,), methods=("lora", "lora_null v2", "pissa"))
+    setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS,
+                                   progress=False)
+    assert setup.name == "tiny-llama-nf4"
+    assert any(type(m).__name__ == "Linear4bit" for m in setup.base.modules())
+    runs = llm_forgetting.run(cfg, setup=setup, progress=False)["runs"]
+    check_runs(runs, cfg, setup)
+    assert "full fine-tuning" not in {r["method"] for r in runs}
+
+
+def test_quantize_option_is_checked_before_any_work(capsys):
+    with pytest.raises(SystemExit) as e:
+        forgetting_report.main(["--quantize", "nf4", "--quick"])
+    assert e.value.code == 2 and "--quantize needs --model" in capsys.readouterr().err
 
 
 def llm_forgetting_report_write(result, out_dir):
