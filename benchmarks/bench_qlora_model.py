@@ -11,7 +11,8 @@ Each provider trains the same 4-bit model (``llm_model.quantize``: the ``Linear4
 - ``ours lora_null v2``: LoRA-Null with A frozen, calibrated on a few batches first (its calibration is not timed).
 
 Per process: the RSS after loading and quantizing the model, the peak RSS from then to the end of training
-(``VmHWM``, reset by ``/proc/self/clear_refs`` after loading), and the median step time over the timed steps. The
+(``VmHWM``, reset by ``/proc/self/clear_refs`` after loading) and what training added to it, and the median step
+time over the timed steps. The children run with a fixed glibc mmap threshold, so RSS follows live memory. The
 providers run in rounds (each provider once per round, the order the same), so a drift of a shared machine shows as
 spread, not as a bias.
 
@@ -82,8 +83,10 @@ def child(provider: str, steps: int, warmup: int, batch: int, seq: int, r: int, 
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    peak = _rss_kib("VmHWM")
     return dict(provider=provider, r=r, batch=batch, seq=seq, steps=steps, trainable=trainable,
-                rss_model_mib=rss_model / 1024, peak_training_mib=_rss_kib("VmHWM") / 1024,
+                rss_model_mib=rss_model / 1024, peak_training_mib=peak / 1024,
+                peak_added_mib=(peak - rss_model) / 1024,
                 step_s_median=statistics.median(times), step_s_min=min(times), step_s_max=max(times),
                 final_loss=float(loss))
 
@@ -113,7 +116,10 @@ def main(argv=None) -> list[dict]:
             cmd = [sys.executable, __file__, "--child", provider, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r),
                    "--model", args.model]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            # A fixed mmap threshold returns freed large blocks (the float weights dropped after quantizing) to the
+            # system, so RSS follows live memory instead of glibc's cache (as bench_calibration_model.py measures).
+            env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "131072"}
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"{provider} failed:\n{done.stderr[-3000:]}")
             row = {**json.loads(done.stdout.strip().splitlines()[-1]), "round": rnd}
@@ -130,14 +136,16 @@ def main(argv=None) -> list[dict]:
         for r in mine:
             r["peak_vs_peft"] = r["peak_training_mib"] / peft_peak
             r["step_vs_peft"] = r["step_s_median"] / peft_step
+        added = [r["peak_added_mib"] for r in mine]
         cells.append([provider, f"{mine[0]['trainable']:,}", f"{statistics.median(r['rss_model_mib'] for r in mine):.0f}",
                       f"{statistics.median(peak):.0f} [{min(peak):.0f}-{max(peak):.0f}]",
+                      f"{statistics.median(added):.0f}",
                       f"{statistics.median(peak) / peft_peak:.3f}",
                       f"{statistics.median(step):.2f} [{min(step):.2f}-{max(step):.2f}]",
                       f"{statistics.median(step) / peft_step:.2f}"])
     path = harness.write_csv(rows, harness.results_path("qlora_model", "csv", "cpu", args.out_dir), "cpu")
     print(harness.markdown_table(["provider", "trainable", "model RSS MiB", "training peak RSS MiB [min-max]",
-                                  "peak / PEFT", "step s [min-max]", "step / PEFT"], cells))
+                                  "added by training MiB", "peak / PEFT", "step s [min-max]", "step / PEFT"], cells))
     print(f"wrote {path}")
     return rows
 

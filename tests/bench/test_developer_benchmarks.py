@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace"])
+@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace",
+                                  "bench_qlora_model"])
 def test_runs_as_a_script_from_another_directory(name, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
