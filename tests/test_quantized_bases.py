@@ -296,3 +296,21 @@ def test_half_precision_input_returns_the_input_dtype():
         y = layer(x)
     assert y.dtype == torch.bfloat16  # computed in bitsandbytes' compute dtype (float32), returned as given
     set_repacking(model, False)
+
+
+def test_sparse_edit_refuses_a_quantized_base(tmp_path):
+    from loranull_kernels.export import apply_sparse_delta, export_sparse_delta
+
+    dense = float_model()
+    inject(dense, config(method="roselora"))
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, lk.LoRALinear):
+                m.lora_B.normal_()
+    export_sparse_delta(dense, tmp_path / "edit.safetensors")
+    model = torchao_model()
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="quantized"):
+        apply_sparse_delta(model, tmp_path / "edit.safetensors")
+    assert all(torch.equal(p.dequantize() if hasattr(p, "dequantize") else p, state[n].dequantize()
+                           if hasattr(state[n], "dequantize") else state[n]) for n, p in model.named_parameters())

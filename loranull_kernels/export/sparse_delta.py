@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..adapter_layers import configured_layers
+from ..base_weights import base_weight
 
 FORMAT = "loranull_kernels.sparse_delta"
 
@@ -83,6 +84,10 @@ def apply_sparse_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"apply_sparse_delta: the model has no module {name!r}") from None
+        base = base_weight(module)
+        if base is not None and base.quantized_format is not None:
+            raise ValueError(f"apply_sparse_delta: {name!r} is quantized ({base.kind}): a sparse edit changes single "
+                             "weights, which a quantized layer does not store; apply it to the dense model")
         if type(module) is not nn.Linear:
             raise ValueError(f"apply_sparse_delta: {name!r} is a {type(module).__name__}, not an nn.Linear (apply "
                              "the edit to the original model)")
