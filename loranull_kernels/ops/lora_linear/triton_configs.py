@@ -38,11 +38,13 @@ _DEFAULT = {
     "forward:fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "dy:fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
     "dx:fp32": dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3),
-    # Quantized bases (W dequantized in the tiles, ``kernel:quant``), likewise from the sm_90 report: the forward
-    # keeps its tile (no spill, 66-80 KiB of shared memory). The dX tile spilled 8-16 B with an nf4 base at rank 64:
-    # half the N step halves the nibbles each thread decodes per step. IEEE fp32 at the dense fp32 tiles spilled
-    # 0.4-7 KB (the dequantized operand is converted to the FMA dot's layout on top of both operands in registers);
-    # these are the largest tiles tried that leave a margin (≤ 190 registers).
+    # Quantized bases (W dequantized in the tiles, ``kernel:quant``), likewise from the sm_90 report. The forward's
+    # tile fits at the reference shape but spilled 8-256 B where K is not a multiple of 16 (no vector loads: every
+    # byte and code its own load); the dX tile spilled 8-16 B with an nf4 base at rank 64. Half the K (forward) or
+    # N (dX) step halves the elements each thread dequantizes per step (forward: one more stage keeps as much of x
+    # in flight). IEEE fp32 at the dense fp32 tiles spilled 0.4-7 KB (the dequantized operand is converted to the
+    # FMA dot's layout on top of both operands in registers): the largest tiles tried with a margin (≤ 190 regs).
+    "forward:quant": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
     "dx:quant": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3),
     "forward:quant:fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
     "dx:quant:fp32": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, GROUP_M=8, num_warps=8, num_stages=3),

@@ -88,11 +88,12 @@ def _w_tile(w_ptr, rows, cols, k0, N, K, stride_wn, stride_wk, absmax_ptr, code_
         # stage). bitsandbytes' block sizes (≥ 32) give at most 5 at BLOCK_K = 128; tiny blocks cost more selects.
         first = (row_start + k0) // W_BLOCK
         j = (((row_start + k0) % W_BLOCK).to(tl.int32) + cols - k0) // W_BLOCK  # block - first, per element
-        blocks = (N.to(tl.int64) * K + W_BLOCK - 1) // W_BLOCK
         scale = tl.zeros(value.shape, tl.float32)
         for i in tl.static_range((BLOCK_K - 1) // W_BLOCK + 2):
-            s_i = _block_scale(first + i, (rows < N) & (first + i < blocks), absmax_ptr, absmax_code_ptr,
-                               absmax_scale_ptr, absmax_offset_ptr, W_NESTED, W_ABSMAX_BLOCK)
+            # A block that starts past its row's end serves none of the row's elements (and may lie past the
+            # last block): not read.
+            s_i = _block_scale(first + i, (rows < N) & ((first + i) * W_BLOCK < row_start + K), absmax_ptr,
+                               absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, W_NESTED, W_ABSMAX_BLOCK)
             scale = tl.where(j == i, s_i, scale)
         w = value * scale
     elif W_FORMAT == "int8":
