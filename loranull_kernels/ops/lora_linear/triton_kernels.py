@@ -9,6 +9,10 @@ backward  ``lora_dy_kernel``        dG = s·dY(B⊙mB),  dB = s·dYᵀ(H⊙d)⊙
           ``lora_dx_kernel``        dX = ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p) + dY W      accumulator starts at the low rank term
           ``lora_da_kernel``        dAᵀ = (drop(x)ᵀ (dG⊙d)) ⊙ mAᵀ                the one extra read of x, split over M
 
+W is read by ``_w_tile`` in its storage format (constexpr ``W_FORMAT``): dense, bitsandbytes' packed 4-bit nf4 / fp4
+(with or without double-quantized block scales) or int8 row-scaled; quantized tiles are dequantized to float32 in
+registers and converted to the dot dtype where a dense tile is, inside the Y and dX GEMMs (no dense W exists).
+
 Dropout: ``keep = rand4x(seed, row·⌈K/4⌉ + col/4)[col mod 4] ≥ p`` (Philox, counter = the element's logical
 position, four columns a call), identical in the forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
 masked copies of A or B exist. Portable across Triton 3.6 – 3.9: plain pointer arithmetic, no block pointers.
