@@ -355,3 +355,54 @@ def test_gpu_table_tiles(fmt, dtype):
     128; fp32: the FMA tiles), K a multiple of no block, N·K odd, bitsandbytes' block sizes."""
     x, qw, A, B, kw = _inputs(fmt, ((300,), 999, 515, 16), dtype, FEATURES["all"], absmax_blocksize=256)
     run_and_compare("triton", x, qw, A, B, kw, dtype)
+
+
+def _last_rows(qw: QuantizedWeight, n0: int) -> QuantizedWeight:
+    """Rows n0… of ``qw`` as a QuantizedWeight of views (4-bit: n0·K must start a byte, a block and, nested, a
+    block of block scales)."""
+    N, K = qw.shape
+    if qw.format == "int8":
+        return dataclasses.replace(qw, data=qw.data[n0:], absmax=qw.absmax[n0:], shape=(N - n0, K))
+    e0 = n0 * K
+    b0 = e0 // qw.blocksize
+    assert e0 % 2 == 0 and e0 % qw.blocksize == 0 and (not qw.nested or b0 % qw.absmax_blocksize == 0)
+    rows = dict(data=qw.data[e0 // 2:], absmax=qw.absmax[b0:], shape=(N - n0, K))
+    if qw.nested:
+        rows["absmax_scale"] = qw.absmax_scale[b0 // qw.absmax_blocksize:]
+    return dataclasses.replace(qw, **rows)
+
+
+def _check_last_rows(fmt: str, N: int, K: int, tail: int, dtype: torch.dtype, absmax_blocksize: int) -> None:
+    """Y's last ``tail`` columns, and dX from a dY that is nonzero only there, against the float64 reference on the
+    last ``tail`` rows of W alone (so W itself may be too large to dequantize)."""
+    qw = make_quantized(fmt, N, K, absmax_blocksize=absmax_blocksize)
+    x = (torch.randn(16, K, device=DEVICE) / 4).to(dtype).requires_grad_(True)
+    A = (torch.randn(8, K, device=DEVICE) / math.sqrt(K)).to(dtype).requires_grad_(True)
+    B = torch.randn(N, 8, device=DEVICE).to(dtype).requires_grad_(True)
+    with _no_dense_weight("triton"), lk.backend.use("triton"):
+        y = lk.lora_linear(x, qw, A, B, 0.5)
+        dy = torch.zeros_like(y)
+        dy[:, -tail:] = torch.randn(16, tail, device=DEVICE).to(dtype)
+        y.backward(dy)
+    W = reference.dequantize(_last_rows(qw, N - tail))
+    x64, A64, B64, dy64 = f64(x), f64(A), f64(B[-tail:]), f64(dy[:, -tail:])
+    y_ref = reference.lora_linear(x64, W, A64, B64, 0.5)
+    y_ref.backward(dy64)
+    y_mag = x64.abs() @ (W.abs() + 0.5 * (B64.abs() @ A64.abs())).t()
+    assert_close(y[:, -tail:], y_ref, dtype, "y (last rows of W)", magnitude=y_mag)
+    dx_mag = dy64.abs() @ (W.abs() + 0.5 * (B64.abs() @ A64.abs()))
+    assert_close(x.grad, x64.grad, dtype, "dx (last rows of W)", magnitude=dx_mag)
+
+
+@pytest.mark.parametrize("fmt", ["nf4-nested", "int8"])
+def test_last_rows_check(fmt):
+    """The check of the test below, at a size the interpreter runs (and it can fail: the rows are not all zero)."""
+    _check_last_rows(fmt, 40, 256, 3, torch.float32, absmax_blocksize=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nf4-nested", "int8"])
+def test_gpu_offsets_past_2_to_the_31(fmt):
+    """N·K = 2³¹ + 65536 elements (1 GiB of nf4 bytes, 2 GiB of int8): the last rows of W lie past any 32-bit
+    element offset."""
+    _check_last_rows(fmt, 65538, 32768, 3, torch.bfloat16, absmax_blocksize=256)
