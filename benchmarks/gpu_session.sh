@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's evidence in one go (≤ 8 minutes on an H100/H200, no network needed):
-#   install (pip, editable, no deps) → CUDA extension → sm_XX compile report → GPU tests → lora_linear at the
+#   install (pip, editable, no deps) → CUDA extension → sm_XX compile report → GPU tests (quantized bases first,
+#   the other GPU-marked tests, the ops' test files) → lora_linear at the
 #   reference shape (frozen / naive / PEFT / torch / triton, dropout 0 and 0.1, peak memory) → covariance and
 #   randomized-SVD benchmarks → null-space (whole-layer calibration) benchmark → a short table.
 # Writes CSVs, PNGs and gpu_session_<device>.log / .csv under $OUT (default benchmarks/results), named by device.
@@ -90,6 +91,10 @@ $run" > "$OUT/.parse_only.py"
 }
 
 REF_BENCH="--M 8192 --K 4096 --N 4096 --r 16 --dropout 0 0.1 --name reference --out-dir $OUT"
+# lora_linear on nf4 / fp4 / int8 bases, its GPU-marked tests (bf16; the GPU tables' quantized tiles at odd shapes):
+# run first and whatever the other GPU tests do (-x stops those at their first failure), the step failing if any
+# fails. Its CPU-sized tests stay out: each would compile new kernel specialisations (minutes in all).
+QUANT_GPU_TESTS="tests/ops/test_lora_linear_quantized.py"
 GPU_TESTS="tests/ops/test_lora_linear.py tests/ops/test_strides_triton.py tests/ops/test_covariance.py tests/ops/test_rsvd.py tests/ops/test_null_space.py tests/methods/test_roselora.py tests/test_extension.py"
 
 step install 240 \
@@ -105,8 +110,8 @@ step bench_reference 150 \
   "$PY -m loranull_kernels.bench.lora_linear $REF_BENCH" \
   "$(parse_only loranull_kernels.bench.lora_linear) $REF_BENCH"
 step gpu_tests 150 \
-  "$PY -m pytest -q -x -m gpu tests && $PY -m pytest -q -x $GPU_TESTS" \
-  "$PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
+  "$PY -m pytest -q -m gpu $QUANT_GPU_TESTS; q=\$?; $PY -m pytest -q -x -m gpu tests --ignore=$QUANT_GPU_TESTS && $PY -m pytest -q -x $GPU_TESTS && exit \$q" \
+  "$PY -m pytest -q --collect-only -m gpu $QUANT_GPU_TESTS | grep -c '::test_.*gpu' && $PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
 step bench_calibration 120 \
   "$PY benchmarks/bench_calibration.py --quick --out-dir $OUT" \
   "$(parse_only benchmarks/bench_calibration.py) --quick --out-dir $OUT"

@@ -34,6 +34,15 @@ REFERENCE_SHAPE = dict(M=8192, K=4096, N=4096)  # the benchmark's reference laye
 # (input dtype, adapter dtype, optional features on, rank): bf16/fp16 adapters, and fp32 adapters beside bf16 (PEFT).
 LORA_VARIANTS = [("bf16", "bf16", True, 16), ("bf16", "fp32", False, 64), ("fp16", "fp16", True, 32),
                  ("fp32", "fp32", True, 16), ("fp32", "fp32", False, 16)]
+# Quantized bases (ops/lora_linear/quantized_weight.py) read in place by the Y and dX kernels, each with every
+# LORA_VARIANTS entry: bitsandbytes' defaults (blocksize 64; nested: 256 block scales per absmax scale). fp4 is nf4
+# with another codebook: the same kernels.
+QUANTIZED_BASES = ("nf4", "nf4-nested", "int8")
+QUANTIZED_KERNELS = ("lora_forward_kernel", "lora_dx_kernel")  # the others never read W
+# Quantized tiles at a shape whose K and N are multiples of no vector width (every byte of W its own load): where
+# the forward's default tile spilled, hence its ``forward:quant`` variant.
+UNALIGNED_SHAPE = dict(M=8192, K=4097, N=4100)
+UNALIGNED_VARIANTS = [("bf16", "bf16", True, 16), ("bf16", "fp32", False, 64), ("fp32", "fp32", True, 16)]
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8",
         "int32": "*i32", "int64": "*i64"}
 
@@ -102,26 +111,56 @@ class _Configs:
     def __init__(self, table: dict):
         self.table = table
 
-    def config(self, kernel, device, dtype=None, dropout=False):
+    def config(self, kernel, device, dtype=None, dropout=False, quantized=False):
         from ..ops.lora_linear.triton_configs import lookup
 
-        cfg = lookup(self.table, kernel, dtype, dropout)
+        cfg = lookup(self.table, kernel, dtype, dropout, quantized)
         if cfg.get("SPLIT_M") == "auto":  # what "auto" gives on a 132-SM H100 at the reference shape
             cfg["SPLIT_M"] = max(1, (2 * 132) // -(-REFERENCE_SHAPE["K"] // cfg["BLOCK_K"]))
         return cfg
 
 
-def record_lora_linear(table: dict, dtype: str, adapter: str, on: bool, r: int) -> list:
+def meta_weight(base: str, N: int, K: int, dtype):
+    """The (N, K) base on meta tensors: dense ``dtype``, or a ``QuantizedWeight`` ("nf4", "nf4-nested", "int8")
+    laid out as bitsandbytes lays it out."""
+    import math
+
+    import torch
+
+    from ..ops.lora_linear.quantized_weight import QuantizedWeight
+
+    meta = dict(device="meta")
+    if base == "dense":
+        return torch.empty(N, K, dtype=dtype, **meta)
+    if base == "int8":
+        return QuantizedWeight("int8", torch.empty(N, K, dtype=torch.int8, **meta), (N, K),
+                               absmax=torch.empty(N, **meta))
+    n, blocksize, absmax_blocksize = N * K, 64, 256
+    blocks = math.ceil(n / blocksize)
+    data, code = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), torch.empty(16, **meta)
+    if base == "nf4":
+        return QuantizedWeight("nf4", data, (N, K), absmax=torch.empty(blocks, **meta), code=code, blocksize=blocksize)
+    assert base == "nf4-nested", base
+    return QuantizedWeight("nf4", data, (N, K), absmax=torch.empty(blocks, dtype=torch.uint8, **meta), code=code,
+                           blocksize=blocksize, absmax_code=torch.empty(256, **meta),
+                           absmax_scale=torch.empty(math.ceil(blocks / absmax_blocksize), **meta),
+                           absmax_blocksize=absmax_blocksize, absmax_offset=torch.empty((), **meta))
+
+
+def record_lora_linear(table: dict, dtype: str, adapter: str, on: bool, r: int, base: str = "dense",
+                       shape: Optional[dict] = None) -> list:
     """The launches (fn, args by name, keyword args) of one forward and one backward of ``lora_linear`` on the
-    Triton backend at the reference shape, with ``table``'s configs, recorded from the launcher on meta tensors."""
+    Triton backend at ``shape`` (default: the reference shape), with ``table``'s configs, recorded from the launcher
+    on meta tensors; ``base``: the weight's format (:func:`meta_weight`)."""
     import torch
 
     from ..ops.lora_linear import triton_backend as launcher, triton_kernels as kernels
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    M, K, N = REFERENCE_SHAPE["M"], REFERENCE_SHAPE["K"], REFERENCE_SHAPE["N"]
+    shape = shape or REFERENCE_SHAPE
+    M, K, N = shape["M"], shape["K"], shape["N"]
     meta = dict(device="meta")
-    x, w = torch.empty(M, K, dtype=dt[dtype], **meta), torch.empty(N, K, dtype=dt[dtype], **meta)
+    x, w = torch.empty(M, K, dtype=dt[dtype], **meta), meta_weight(base, N, K, dt[dtype])
     A, B = torch.empty(r, K, dtype=dt[adapter], **meta), torch.empty(N, r, dtype=dt[adapter], **meta)
     d = torch.empty(r, dtype=dt[adapter], **meta) if on else None
     bias = torch.empty(N, dtype=dt[dtype], **meta) if on else None
@@ -158,21 +197,31 @@ def _lora_tile(name: str, cx: dict) -> tuple:
     return tuple(cx[d] for d in dims)
 
 
-def lora_linear_cases(tables: Optional[dict] = None, variants=None):
-    """The fused LoRA linear kernels as the launcher launches them, per GPU config table and variant."""
+def lora_linear_cases(tables: Optional[dict] = None, variants=None, bases=None):
+    """The fused LoRA linear kernels as the launcher launches them, per GPU config table and variant: every kernel
+    on a dense base, and the kernels that read W (:data:`QUANTIZED_KERNELS`) on each quantized base, at the
+    reference shape and (:data:`UNALIGNED_VARIANTS`) at :data:`UNALIGNED_SHAPE`."""
     import triton.language as tl
 
     from ..ops.lora_linear import triton_configs as configs, triton_kernels as k
 
     names = {tl.bfloat16: "bf16", tl.float16: "fp16", tl.float32: "fp32"}
+    quantized = tuple(QUANTIZED_BASES if bases is None else bases)
+    runs = [("dense", v, None) for v in variants or LORA_VARIANTS]
+    runs += [(b, v, None) for b in quantized for v in variants or LORA_VARIANTS]
+    runs += [(b, v, UNALIGNED_SHAPE) for b in quantized for v in (variants or UNALIGNED_VARIANTS)]
     for table_name, table in (tables or configs.TABLES).items():
-        for dtype, adapter, on, r in variants or LORA_VARIANTS:
-            for fn, args, kwargs in record_lora_linear(table, dtype, adapter, on, r):
+        for base, (dtype, adapter, on, r), shape in runs:
+            for fn, args, kwargs in record_lora_linear(table, dtype, adapter, on, r, base, shape):
+                if base != "dense" and fn.__name__ not in QUANTIZED_KERNELS:
+                    continue
                 options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages") if o in kwargs}
                 sig, cx, attrs = specialize(fn, args, kwargs)
-                yield Case(f"{fn.__name__}[{table_name}, {dtype}/{adapter}, features={'on' if on else 'off'}, r={r}]",
-                           fn, sig, cx, attrs, options, table=table_name, tile=_lora_tile(fn.__name__, kwargs),
-                           dot_dtype=names[kwargs["DOT_DTYPE"]])
+                fmt = "" if base == "dense" else f", {base}"
+                at = "" if shape is None else f", K={shape['K']} N={shape['N']}"
+                yield Case(f"{fn.__name__}[{table_name}, {dtype}/{adapter}{fmt}, features={'on' if on else 'off'}, "
+                           f"r={r}{at}]", fn, sig, cx, attrs, options, table=table_name,
+                           tile=_lora_tile(fn.__name__, kwargs), dot_dtype=names[kwargs["DOT_DTYPE"]])
     import torch
 
     out = torch.empty(64, 64, dtype=torch.int8, device="meta")
@@ -292,7 +341,7 @@ def gate(case: Case, use) -> list[str]:
 
 def _row(label: str, use, ref=None) -> str:
     tc = f"{use.tensor_core}×{use.wgmma or use.mma}" if use.tensor_core != "none" else "-"
-    line = (f"{label:<72} {use.registers:>4} {use.stack:>6} {use.local_ops:>5} {use.shared / 1024:>7.1f} {tc:>9} "
+    line = (f"{label:<88} {use.registers:>4} {use.stack:>6} {use.local_ops:>5} {use.shared / 1024:>7.1f} {tc:>9} "
             f"{use.cp_async:>5} {use.tma:>4}")
     if ref is not None:
         rtc = f"{ref.tensor_core}×{ref.wgmma or ref.mma}" if ref.tensor_core != "none" else "-"
@@ -300,7 +349,7 @@ def _row(label: str, use, ref=None) -> str:
     return line
 
 
-HEADER = (f"{'kernel':<72} {'regs':>4} {'stack':>6} {'l/st':>5} {'smemKiB':>7} {'tensor-c':>9} {'cpasy':>5} "
+HEADER = (f"{'kernel':<88} {'regs':>4} {'stack':>6} {'l/st':>5} {'smemKiB':>7} {'tensor-c':>9} {'cpasy':>5} "
           f"{'tma':>4} | plain GEMM same tile: regs stack tensor-c cpasy")
 
 

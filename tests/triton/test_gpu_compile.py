@@ -29,9 +29,62 @@ def test_all_kernels_compile_for_sm90_without_spills_and_with_tensor_cores():
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-6000:] + err[-3000:]
         assert " 0 failed" in out and " 0 compiled" not in out, out[-3000:]
-    # Every lora_linear kernel appears, with its resources, for each variant of the table.
+    # Every lora_linear kernel appears, with its resources, for each variant of the table; the two that read W
+    # also on each quantized base, at the reference shape and at an unaligned one.
     for name in ("lora_down_kernel", "lora_forward_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel"):
         assert stdout.count(name + "[default") >= 5, name
+    for base in ("nf4", "nf4-nested", "int8"):
+        for name in ("lora_forward_kernel", "lora_dx_kernel"):
+            rows = [line for line in stdout.splitlines() if line.startswith(f"{name}[default") and f", {base}," in line]
+            assert len(rows) >= 8 and sum("K=4097" in line for line in rows) >= 3, (name, base, rows)
+
+
+def test_quantized_launch_arguments_and_configs():
+    """What the compile check compiles for a quantized base is what the launcher passes: the packed data itself
+    (never a dense W), the format's tables and constexprs, and the table's ``:quant`` configs; a dense base keeps
+    its launch (W, its strides, the dense constexprs, the dense configs). In a process without the interpreter,
+    whose kernels are not JIT functions."""
+    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_gpu_compile import _check_quantized_launches "
+                           "as check; check(); print('ok')"], env=_env(), capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _check_quantized_launches():
+    import torch
+
+    from loranull_kernels.ops.lora_linear import triton_configs
+    from loranull_kernels.triton import compile_check as cc
+
+    table = triton_configs.TABLES["default"]
+    launches = {}
+    for base in ("dense", "nf4", "nf4-nested", "int8"):
+        log = cc.record_lora_linear(table, "bf16", "bf16", True, 16, base)
+        launches[base] = {fn.__name__: (args, kw) for fn, args, kw in log}
+    K = cc.REFERENCE_SHAPE["K"]
+    for name, key in (("lora_forward_kernel", "forward"), ("lora_dx_kernel", "dx")):
+        args, kw = launches["dense"][name]
+        assert kw["W_FORMAT"] == "dense" and args["w_ptr"].dtype == torch.bfloat16
+        assert kw["BLOCK_K"] == table[key]["BLOCK_K"]
+        for base in ("nf4", "nf4-nested"):
+            args, kw = launches[base][name]
+            assert (kw["W_FORMAT"], kw["W_NESTED"], kw["W_BLOCK"]) == ("4bit", base == "nf4-nested", 64)
+            assert kw["W_ABSMAX_BLOCK"] == (256 if base == "nf4-nested" else 1)
+            assert args["w_ptr"].dtype == torch.uint8 and args["w_code_ptr"].shape == (16,)
+            assert (args["stride_wn"], args["stride_wk"]) == (K, 1)
+            if base == "nf4-nested":
+                assert args["w_absmax_ptr"].dtype == torch.uint8 and args["w_absmax_code_ptr"].shape == (256,)
+                assert args["w_absmax_offset_ptr"].dim() == 0
+            assert kw["BLOCK_K"] == table.get(f"{key}:quant", table[key])["BLOCK_K"]
+        args, kw = launches["int8"][name]
+        assert kw["W_FORMAT"] == "int8" and args["w_ptr"].dtype == torch.int8
+        assert args["w_absmax_ptr"].dtype == torch.float32 and args["w_absmax_ptr"].shape == (cc.REFERENCE_SHAPE["N"],)
+    for name in ("lora_down_kernel", "lora_dy_kernel", "lora_da_kernel"):  # never read W: launched alike
+        assert launches["nf4"][name][1] == launches["dense"][name][1]
+    assert triton_configs.lookup(table, "dx", torch.bfloat16, quantized=True) == table["dx:quant"]
+    assert triton_configs.lookup(table, "dx", torch.float32, quantized=True) == table["dx:quant:fp32"]
+    assert triton_configs.lookup(table, "dx", torch.float32) == table["dx:fp32"]
+    assert triton_configs.lookup(table, "down", torch.float32, quantized=True) == table["down"]
 
 
 _GATE_SCRIPT = r"""

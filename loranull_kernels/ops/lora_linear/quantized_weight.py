@@ -96,14 +96,15 @@ class QuantizedWeight:
         """The (out, in) matrix in ``dtype``, a new contiguous tensor.
 
         nf4 / fp4 run bitsandbytes' own dequantization op when bitsandbytes is importable (its CPU and CUDA
-        kernels are 20–30× faster than gathering from the codebook in PyTorch), the plain PyTorch gather otherwise;
-        both give the same float32 values."""
+        kernels are 20–30× faster than gathering from the codebook in PyTorch) and ``code`` is its codebook of the
+        format (the op decodes with that one whatever ``code`` holds), the plain PyTorch gather otherwise; both
+        give the same float32 values."""
         if self.format == "subclass":
             return self.data.dequantize().to(dtype)
         if self.format == "int8":
             return (self.data.float() * (self.absmax.float() / 127.0)[:, None]).to(dtype)
         op = _bnb_dequantize_4bit()
-        if op is not None and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if op is not None and dtype in (torch.float16, torch.bfloat16, torch.float32) and _bnb_codebook(self):
             return op(self.data, self.block_scales(), self.blocksize, self.format, list(self.shape), dtype)
         return self._gather_4bit().to(dtype)
 
@@ -185,6 +186,22 @@ def _bnb_dequantize_4bit():
     return _BNB_OP["op"]
 
 
+def _bnb_codebook(weight: QuantizedWeight) -> bool:
+    """Whether ``weight.code`` holds bitsandbytes' own codebook of ``weight.format`` (a 16-value comparison; never
+    during CUDA graph capture, where its synchronisation is not allowed: the gather path runs instead)."""
+    if weight.code.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    key = (weight.format, weight.device)
+    if key not in _BNB_CODE:
+        from bitsandbytes.functional import get_4bit_type
+
+        _BNB_CODE[key] = get_4bit_type(weight.format, device=weight.device).float()
+    return torch.equal(weight.code, _BNB_CODE[key])
+
+
+_BNB_CODE: dict = {}
+
+
 def check(weight: QuantizedWeight, device: torch.device) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the field unless ``weight`` is a well-formed quantized weight on
     ``device`` (the formats' sizes are checked so that no kernel reads out of bounds)."""
@@ -194,12 +211,15 @@ def check(weight: QuantizedWeight, device: torch.device) -> None:
     if (not isinstance(shape, tuple) or len(shape) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
         raise ValueError(f"weight.shape must be (out_features, in_features) ints, got {shape!r}")
-    for t in weight.tensors():
+    for name in ("data", "absmax", "code", "absmax_code", "absmax_scale", "absmax_offset"):
+        t = getattr(weight, name)
+        if t is None:
+            continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"weight ({weight.format}) holds a {type(t).__name__} where a tensor is expected")
+            raise TypeError(f"weight.{name} ({weight.format}) is a {type(t).__name__} where a tensor is expected")
         if t.device != device:
-            raise ValueError(f"weight ({weight.format}) has tensors on {t.device} but x is on {device}: all "
-                             "tensors must be on one device")
+            raise ValueError(f"weight.{name} ({weight.format}) is on {t.device} but x is on {device}: all tensors "
+                             "must be on one device")
     N, K = shape
     if weight.format == "subclass":
         if not callable(getattr(weight.data, "dequantize", None)):

@@ -2,7 +2,9 @@
 configurations of :mod:`.triton_configs`.
 
 Triton is imported on first use only, so the package imports (and the torch backend runs) where Triton cannot.
-``forward`` / ``backward`` implement the contract of :mod:`.autograd` (the custom ops).
+``forward`` / ``backward`` implement the contract of :mod:`.autograd` (the custom ops). A quantized base
+(:class:`.quantized_weight.QuantizedWeight`, nf4 / fp4 / int8) is passed to the kernels as it is stored
+(:func:`_weight_args`): they dequantize its tiles inside the Y and dX GEMMs, and no dense copy of W is made.
 """
 import functools
 from typing import Optional
@@ -11,7 +13,7 @@ import torch
 
 from ... import backend
 from . import torch_backend
-from .quantized_weight import dense
+from .quantized_weight import QuantizedWeight
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,9 +64,31 @@ def _stride0(v: Optional[torch.Tensor]) -> int:
     return 0 if v is None else v.stride(0)
 
 
+def _weight_args(weight) -> tuple[list, list, dict]:
+    """W as the Y / dX kernels read it: ``[w_ptr, stride_wn, stride_wk]``, ``[absmax, code, absmax_code,
+    absmax_scale, absmax_offset]`` pointers, and the constexprs of ``triton_kernels._w_tile``.
+
+    Dense (N, K): its strides, no tables. nf4 / fp4: the ⌈N·K/2⌉ packed bytes, row-major by definition (the
+    strides passed, (K, 1), are not read). int8: the (N, K) codes with their own strides and the row scales.
+    Tables a format does not have are filled by ``data``, never read."""
+    if not isinstance(weight, QuantizedWeight):
+        return [weight, weight.stride(0), weight.stride(1)], [weight] * 5, dict(
+            W_FORMAT="dense", W_NESTED=False, W_BLOCK=1, W_ABSMAX_BLOCK=1)
+    data = weight.data
+    if weight.format == "int8":
+        return [data, data.stride(0), data.stride(1)], [weight.absmax] + [data] * 4, dict(
+            W_FORMAT="int8", W_NESTED=False, W_BLOCK=1, W_ABSMAX_BLOCK=1)
+    tables = [weight.absmax, weight.code]
+    tables += [weight.absmax_code, weight.absmax_scale, weight.absmax_offset] if weight.nested else [data] * 3
+    # The block sizes are constexprs: e // blocksize becomes a shift (bitsandbytes' sizes are powers of two)
+    # instead of a 64-bit division per element, at one compilation per block size.
+    return [data, weight.in_features, 1], tables, dict(
+        W_FORMAT="4bit", W_NESTED=weight.nested, W_BLOCK=weight.blocksize,
+        W_ABSMAX_BLOCK=weight.absmax_blocksize if weight.nested else 1)
+
+
 def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p):
     """:func:`.autograd.forward_op` (the contract) on this backend; H is float32."""
-    weight = dense(weight, x.dtype)  # TODO(quantized kernels): dequantize tiles inside the GEMM instead
     if x.shape[0] == 0:
         return torch_backend.forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling, dropout_p)
     triton, _, kernels, configs = _triton()
@@ -88,16 +112,17 @@ def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, s
 
     y = backend.empty(M, N, dtype=x.dtype, device=x.device)
     mb, s_mbn, s_mbr = _mask_args(mask_B, lora_B)
-    cfg = configs.config("forward", x.device, x.dtype)
+    (w, stride_wn, stride_wk), w_tables, w_format = _weight_args(weight)
+    cfg = configs.config("forward", x.device, x.dtype, quantized=w_format["W_FORMAT"] != "dense")
     launch = _launch_kw(cfg)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     kernels.lora_forward_kernel[grid](
-        x, weight, h, lora_B, mb, h if rank_scale is None else rank_scale, h if bias is None else bias, y,
+        x, w, h, lora_B, mb, h if rank_scale is None else rank_scale, h if bias is None else bias, y,
         M, N, K, r, scaling,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), lora_B.stride(0), lora_B.stride(1),
-        s_mbn, s_mbr, _stride0(rank_scale), _stride0(bias), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), stride_wn, stride_wk, h.stride(0), lora_B.stride(0), lora_B.stride(1),
+        s_mbn, s_mbr, _stride0(rank_scale), _stride0(bias), y.stride(0), y.stride(1), *w_tables,
         HAS_MASK_B=mask_B is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_BIAS=bias is not None,
-        R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
+        R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **w_format, **cfg, **launch,
     )
     return y, h
 
@@ -105,7 +130,6 @@ def forward(x, weight, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, s
 def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling, dropout_p,
              need_dx, need_dA, need_dB, need_drank_scale, need_dbias):
     """:func:`.autograd.backward_op` (the contract) on this backend."""
-    weight = dense(weight, dy.dtype)  # TODO(quantized kernels): dequantize tiles inside the GEMM instead
     if dy.shape[0] == 0:
         return torch_backend.backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed, scaling,
                                       dropout_p, need_dx, need_dA, need_dB, need_drank_scale, need_dbias)
@@ -147,16 +171,17 @@ def backward(dy, x, weight, lora_A, lora_B, rank_scale, h, mask_A, mask_B, seed,
     dx = dy.new_empty(0)
     if need_dx:
         dx = backend.empty(M, K, dtype=dy.dtype, device=dev)
-        cfg = configs.config("dx", dev, dy.dtype, has_dropout)
+        (w, stride_wn, stride_wk), w_tables, w_format = _weight_args(weight)
+        cfg = configs.config("dx", dev, dy.dtype, has_dropout, quantized=w_format["W_FORMAT"] != "dense")
         launch = _launch_kw(cfg)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
         kernels.lora_dx_kernel[grid](
-            dy, weight, dg, d_arg, lora_A, ma, dx,
+            dy, w, dg, d_arg, lora_A, ma, dx,
             M, N, K, r, seed_v, dropout_p, keep_scale,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dg.stride(0), _stride0(rank_scale),
-            lora_A.stride(0), lora_A.stride(1), s_mar, s_mak, dx.stride(0), dx.stride(1),
+            dy.stride(0), dy.stride(1), stride_wn, stride_wk, dg.stride(0), _stride0(rank_scale),
+            lora_A.stride(0), lora_A.stride(1), s_mar, s_mak, dx.stride(0), dx.stride(1), *w_tables,
             HAS_MASK_A=mask_A is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_DROPOUT=has_dropout,
-            R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg, **launch,
+            R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision, **w_format, **cfg, **launch,
         )
 
     dA = dy.new_empty(0)

@@ -9,6 +9,10 @@ backward  ``lora_dy_kernel``        dG = s·dY(B⊙mB),  dB = s·dYᵀ(H⊙d)⊙
           ``lora_dx_kernel``        dX = ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p) + dY W      accumulator starts at the low rank term
           ``lora_da_kernel``        dAᵀ = (drop(x)ᵀ (dG⊙d)) ⊙ mAᵀ                the one extra read of x, split over M
 
+W is read by ``_w_tile`` in its storage format (constexpr ``W_FORMAT``): dense, bitsandbytes' packed 4-bit nf4 / fp4
+(with or without double-quantized block scales) or int8 row-scaled; quantized tiles are dequantized to float32 in
+registers and converted to the dot dtype where a dense tile is, inside the Y and dX GEMMs (no dense W exists).
+
 Dropout: ``keep = rand4x(seed, row·⌈K/4⌉ + col/4)[col mod 4] ≥ p`` (Philox, counter = the element's logical
 position, four columns a call), identical in the forward and backward kernels, so no mask is ever stored. Masks are applied to the tiles as they are loaded: no
 masked copies of A or B exist. Portable across Triton 3.6 – 3.9: plain pointer arithmetic, no block pointers.
@@ -41,6 +45,70 @@ def _grouped(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     size = min(num_m - first_m, GROUP_M)
     pid_m, pid_n = first_m + (pid % width) % size, (pid % width) // size
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n * BLOCK_N
+
+
+@triton.jit
+def _block_scale(block, valid, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                 W_NESTED: tl.constexpr, W_ABSMAX_BLOCK: tl.constexpr):
+    """The float32 scale of 4-bit blocks ``block`` (int64, any shape): absmax[b], or with double quantization
+    ``absmax_code[absmax[b]] · absmax_scale[b // W_ABSMAX_BLOCK] + absmax_offset``; 0 (offset) where not ``valid``."""
+    if W_NESTED:
+        q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+        scale = (tl.load(absmax_code_ptr + q) * tl.load(absmax_scale_ptr + block // W_ABSMAX_BLOCK, mask=valid, other=0.0)
+                 + tl.load(absmax_offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+    return scale
+
+
+@triton.jit
+def _w_tile(w_ptr, rows, cols, k0, N, K, stride_wn, stride_wk, absmax_ptr, code_ptr, absmax_code_ptr,
+            absmax_scale_ptr, absmax_offset_ptr, BLOCK_K: tl.constexpr, W_FORMAT: tl.constexpr,
+            W_NESTED: tl.constexpr, W_BLOCK: tl.constexpr, W_ABSMAX_BLOCK: tl.constexpr):
+    """The tile ``W[rows, cols]`` of the base W (N, K), read in place in its storage format; ``rows`` / ``cols``
+    are the tile's n / k indices, broadcastable against each other ((1, BN) and (BK, 1) give a (BK, BN) tile of Wᵀ),
+    ``cols`` = ``k0 + arange(BLOCK_K)``. Offsets are 64-bit where they scale with rows (N·K may exceed 2³¹).
+
+    ``W_FORMAT`` "dense": element (n, k) at ``n·stride_wn + k·stride_wk``, in W's dtype. "4bit" (nf4 / fp4,
+    ``quantized_weight.py``; the strides are not read): element e = n·K + k of the row-major matrix is byte e // 2
+    of ``w_ptr`` (uint8), its high nibble for even e, decoded through the 16-entry float32 ``code`` and scaled by
+    block e // W_BLOCK's scale (:func:`_block_scale`). "int8": ``data[n, k] · (absmax[n] / 127)``, data strided. Quantized tiles come back in float32, which
+    the caller converts to the dot dtype where it converts a dense tile. Out-of-bounds elements read zero bytes
+    and zero scales: finite values, which meet zeros of the other operand (or are never stored)."""
+    mask = (cols < K) & (rows < N)
+    if W_FORMAT == "4bit":
+        # 64-bit arithmetic once per row, 32-bit per element: t counts nibbles from the row's first byte.
+        row_start = rows.to(tl.int64) * K
+        t = (row_start & 1).to(tl.int32) + cols
+        byte = tl.load(w_ptr + (row_start >> 1) + (t >> 1), mask=mask, other=0)
+        nibble = tl.where((t & 1) == 0, byte >> 4, byte & 15).to(tl.int32)
+        # The codebook lookup as a register gather (warp shuffles): a gather from memory would be staged in shared
+        # memory by the pipeliner, a float32 tile per stage (the kernels then spilled or overflowed it).
+        value = tl.gather(tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[:, None], (16, nibble.shape[1])),
+                          nibble, 0)
+        # A tile row of BLOCK_K elements spans at most (BLOCK_K - 1) // W_BLOCK + 2 blocks (blocks straddle rows, so
+        # not one even when W_BLOCK ≥ BLOCK_K): their scales are loaded once per row and selected per element, not
+        # gathered per element (the pipeliner would stage such gathers in shared memory, a float32 tile per
+        # stage). bitsandbytes' block sizes (≥ 32) give at most 5 at BLOCK_K = 128; tiny blocks cost more selects.
+        first = (row_start + k0) // W_BLOCK
+        j = (((row_start + k0) % W_BLOCK).to(tl.int32) + cols - k0) // W_BLOCK  # block - first, per element
+        scale = tl.zeros(value.shape, tl.float32)
+        for i in tl.static_range((BLOCK_K - 1) // W_BLOCK + 2):
+            # A block that starts past its row's end serves none of the row's elements (and may lie past the
+            # last block): not read.
+            s_i = _block_scale(first + i, (rows < N) & ((first + i) * W_BLOCK < row_start + K), absmax_ptr,
+                               absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, W_NESTED, W_ABSMAX_BLOCK)
+            scale = tl.where(j == i, s_i, scale)
+        w = value * scale
+    elif W_FORMAT == "int8":
+        # absmax / 127 first, then the product: the rounding of QuantizedWeight.dequantize (the torch backend).
+        row_scale = tl.load(absmax_ptr + rows, mask=rows < N, other=0.0) / 127.0
+        w = tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols * stride_wk, mask=mask, other=0)
+        w = w.to(tl.float32) * row_scale
+    else:
+        tl.static_assert(W_FORMAT == "dense", "W_FORMAT is one of 'dense', '4bit', 'int8'")
+        w = tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols * stride_wk, mask=mask, other=0.0)
+    return w
 
 
 @triton.jit
@@ -100,9 +168,11 @@ def lora_forward_kernel(
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_bn, stride_br, stride_mbn, stride_mbr,
     stride_d, stride_bias, stride_ym, stride_yn,
+    w_absmax_ptr, w_code_ptr, w_absmax_code_ptr, w_absmax_scale_ptr, w_absmax_offset_ptr,
     HAS_MASK_B: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    W_FORMAT: tl.constexpr, W_NESTED: tl.constexpr, W_BLOCK: tl.constexpr, W_ABSMAX_BLOCK: tl.constexpr,
 ):
     rm, rn, _ = _grouped(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Accumulator starts at the low-rank product (s·H⊙d)(B⊙mB)ᵀ: Y is written exactly once.
@@ -113,8 +183,9 @@ def lora_forward_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                      mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        wt = _w_tile(w_ptr, rn[None, :], rk[:, None], k0, N, K, stride_wn, stride_wk, w_absmax_ptr, w_code_ptr,
+                     w_absmax_code_ptr, w_absmax_scale_ptr, w_absmax_offset_ptr, BLOCK_K, W_FORMAT, W_NESTED,
+                     W_BLOCK, W_ABSMAX_BLOCK)
         acc += tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PRECISION)
 
     if HAS_BIAS:
@@ -185,9 +256,11 @@ def lora_dx_kernel(
     M, N, K, R, seed, p, keep_scale,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dgm, stride_d, stride_ar, stride_ak, stride_mar, stride_mak,
     stride_dxm, stride_dxk,
+    w_absmax_ptr, w_code_ptr, w_absmax_code_ptr, w_absmax_scale_ptr, w_absmax_offset_ptr,
     HAS_MASK_A: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    W_FORMAT: tl.constexpr, W_NESTED: tl.constexpr, W_BLOCK: tl.constexpr, W_ABSMAX_BLOCK: tl.constexpr,
 ):
     rm, rk, k0 = _grouped(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     # Accumulator starts at the adapter's input gradient ((dG⊙d)(A⊙mA)) ⊙ keep/(1−p); Aᵀ is the factor (K, R).
@@ -200,8 +273,9 @@ def lora_dx_kernel(
         rn = n0 + tl.arange(0, BLOCK_N)
         dyt = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
                       mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
-                     mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        wt = _w_tile(w_ptr, rn[:, None], rk[None, :], k0, N, K, stride_wn, stride_wk, w_absmax_ptr, w_code_ptr,
+                     w_absmax_code_ptr, w_absmax_scale_ptr, w_absmax_offset_ptr, BLOCK_K, W_FORMAT, W_NESTED,
+                     W_BLOCK, W_ABSMAX_BLOCK)
         acc += tl.dot(dyt.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PRECISION)
 
     tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + rk[None, :] * stride_dxk,
