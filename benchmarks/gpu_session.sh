@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's evidence in one go (≤ 8 minutes on an H100/H200, no network needed):
-#   install (pip, editable, no deps) → CUDA extension → sm_XX compile report → GPU tests (quantized bases first,
-#   the other GPU-marked tests, the ops' test files) → lora_linear at the
-#   reference shape (frozen / naive / PEFT / torch / triton, dropout 0 and 0.1, peak memory) → covariance and
-#   randomized-SVD benchmarks → null-space (whole-layer calibration) benchmark → a short table.
+#   install (pip, editable, no deps; bitsandbytes from .whl/ when carried) → CUDA extension → sm_XX compile report →
+#   lora_linear at the reference shape (frozen / naive / PEFT / torch / triton, dropout 0 and 0.1, peak memory) →
+#   the same over an NF4 base (needs bitsandbytes) → GPU tests (quantized bases first, the other GPU-marked tests,
+#   the ops' test files) → covariance and randomized-SVD benchmarks → null-space (whole-layer calibration)
+#   benchmark → a short table.
+# The GPU machine has no bitsandbytes and no network: carry its wheel (43 MB) in .whl/, ignored by git, made here
+# with `echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2`, and name .whl in carry.
 # Writes CSVs, PNGs and gpu_session_<device>.log / .csv under $OUT (default benchmarks/results), named by device.
 # Every step has a time limit and the session a deadline (SESSION_S, default 470 s): a step that would start past
 # it is skipped and says so; a failed step does not stop the next.
@@ -98,7 +102,7 @@ QUANT_GPU_TESTS="tests/ops/test_lora_linear_quantized.py"
 GPU_TESTS="tests/ops/test_lora_linear.py tests/ops/test_strides_triton.py tests/ops/test_covariance.py tests/ops/test_rsvd.py tests/ops/test_null_space.py tests/methods/test_roselora.py tests/test_extension.py"
 
 step install 240 \
-  "$PY -m pip install --no-build-isolation --no-deps -e ." \
+  "$PY -m pip install --no-build-isolation --no-deps -e . && { ! ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 || $PY -m pip install -q --no-index --no-deps .whl/bitsandbytes-*.whl; }" \
   "$PY -m pip install --dry-run --no-build-isolation --no-deps -e ."
 step extension 180 \
   "$PY -c 'from loranull_kernels import _extension as e; m = e.load(); print(e.status()); assert m is not None, e.status()'" \
@@ -109,6 +113,9 @@ step compile_report 150 \
 step bench_reference 150 \
   "$PY -m loranull_kernels.bench.lora_linear $REF_BENCH" \
   "$(parse_only loranull_kernels.bench.lora_linear) $REF_BENCH"
+step bench_nf4 90 \
+  "$PY -c 'import bitsandbytes' && $PY -m loranull_kernels.bench.lora_linear --base nf4 $REF_BENCH" \
+  "$(parse_only loranull_kernels.bench.lora_linear) --base nf4 $REF_BENCH"
 step gpu_tests 150 \
   "$PY -m pytest -q -m gpu $QUANT_GPU_TESTS; q=\$?; $PY -m pytest -q -x -m gpu tests --ignore=$QUANT_GPU_TESTS && $PY -m pytest -q -x $GPU_TESTS && exit \$q" \
   "$PY -m pytest -q --collect-only -m gpu $QUANT_GPU_TESTS | grep -c '::test_.*gpu' && $PY -m pytest -q --collect-only $GPU_TESTS | tail -1"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["install", "extension", "compile_report", "bench_reference", "gpu_tests", "bench_calibration",
+STEPS = ["install", "extension", "compile_report", "bench_reference", "bench_nf4", "gpu_tests", "bench_calibration",
          "bench_nullspace"]
 
 
@@ -26,6 +26,7 @@ def test_dry_run_checks_every_step(tmp_path):
         rows = {r["step"]: r["status"] for r in csv.DictReader(f)}
     assert rows == {s: "ok" for s in STEPS}, log[-4000:]
     assert "parse-only ok: loranull_kernels.bench.lora_linear" in log  # the benchmark's parser saw the flags
+    assert "'base': 'nf4'" in log  # ... the NF4 row's too
     assert "predicted ratio" in proc.stdout  # the short table ends the run
     assert not (tmp_path / ".parse_only.py").exists()
 
