@@ -122,13 +122,6 @@ def per_block(rows: list[dict], hidden: int, inter: int) -> dict:
 
 # ---- 2. memory ---------------------------------------------------------------------------------------------------
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
 
 def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dict:
     """In a fresh process: the peak RSS that ``lk.inject`` adds (VmHWM reset through /proc/self/clear_refs)."""
@@ -142,12 +135,12 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current RSS
-    before = _rss_kib("VmRSS")
+    before = harness.rss_kib("VmRSS")
     t0 = time.perf_counter()
     inject(model, AdapterConfig(method="lora_null", r=r), calibration_data=data, progress=False,
            calibration_mode=mode)
     seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = harness.rss_kib("VmHWM")
     return dict(bench="memory", mode=mode, blocks=blocks, hidden=hidden, inter=inter, r=r, tokens=8 * 2 * 256,
                 rss_before_mib=before / 1024, peak_added_mib=(peak - before) / 1024, seconds=seconds)
 

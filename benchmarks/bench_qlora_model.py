@@ -32,15 +32,10 @@ import time
 
 import torch
 
+from loranull_kernels.bench import harness
+
 PROVIDERS = ("peft", "peft+patch", "ours", "ours lora_null v2")
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(provider: str, steps: int, warmup: int, batch: int, seq: int, r: int, model_spec: str) -> dict:
@@ -54,7 +49,7 @@ def child(provider: str, steps: int, warmup: int, batch: int, seq: int, r: int, 
     model, _ = llm_model.load(llm_model.resolve(model_spec))
     model = llm_model.quantize(model, "nf4")
     gc.collect()
-    rss_model = _rss_kib("VmRSS")
+    rss_model = harness.rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak (VmHWM) := current RSS: what follows is the training's own
     vocab = model.config.vocab_size
@@ -83,7 +78,7 @@ def child(provider: str, steps: int, warmup: int, batch: int, seq: int, r: int, 
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = _rss_kib("VmHWM")
+    peak = harness.rss_kib("VmHWM")
     return dict(provider=provider, r=r, batch=batch, seq=seq, steps=steps, trainable=trainable,
                 rss_model_mib=rss_model / 1024, peak_training_mib=peak / 1024,
                 peak_added_mib=(peak - rss_model) / 1024,
@@ -108,8 +103,6 @@ def main(argv=None) -> list[dict]:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.warmup, args.batch, args.seq, args.r, args.model)))
         return []
-    from loranull_kernels.bench import harness
-
     rows = []
     for rnd in range(args.rounds):
         for provider in args.providers:

@@ -52,6 +52,14 @@ def inject(model, cfg, **kw):
     return lk.inject(model, cfg, calibration_data=CALIB if cfg.needs_calibration else None, progress=False, **kw)
 
 
+@torch.no_grad()
+def pretend_trained(model):
+    """Move every trainable tensor a little, as training would (so a wrong load shows in the logits)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.05 * torch.randn_like(p))
+
+
 def dense_shapes(model):
     """(out, in) of every targeted projection."""
     return {tuple(base_weight(m).dense().shape) for _, m in model.named_modules()
@@ -168,10 +176,7 @@ def test_a_base_repacked_before_inject_is_read_back():
 def test_save_and_load_onto_a_freshly_loaded_quantized_model(tmp_path, quant, rewrite):
     model = quantized_model(quant)
     inject(model, config(method="lora_null", quantized_rewrite=rewrite))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    pretend_trained(model)
     want = logits(model, BATCHES[0])
     lk.save_adapter(model, tmp_path / "a")
     files = list((tmp_path / "a").iterdir())
@@ -212,10 +217,7 @@ def test_export_peft_loads_onto_the_same_quantized_model(tmp_path):
     peft = pytest.importorskip("peft")
     model = quantized_model("nf4-nested")
     inject(model, config(method="lora_null"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    pretend_trained(model)
     want = logits(model, BATCHES[0])
     lk.export_peft(model, tmp_path / "peft")
     loaded = peft.PeftModel.from_pretrained(quantized_model("nf4-nested"), tmp_path / "peft").eval()

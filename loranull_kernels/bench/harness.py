@@ -181,6 +181,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 15, 
     return {n: _summary(samples[n]) for n in names}
 
 
+def rss_kib(field: str = "VmRSS") -> int:
+    """This process's resident memory from ``/proc/self/status`` in KiB: ``VmRSS`` now, or ``VmHWM`` (its peak, which
+    writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS). Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def results_path(name: str, ext: str, device=None, out_dir=None) -> Path:
     """``{out_dir}/{name}_{device_slug}.{ext}``; ``out_dir`` None: :func:`default_out_dir`."""
     root = Path(out_dir) if out_dir is not None else default_out_dir()

@@ -1,4 +1,5 @@
 """lora_linear: forward and every gradient of both backends against the float64 reference."""
+import contextlib
 import math
 
 import pytest
@@ -44,12 +45,16 @@ def make_inputs(lead, K, N, r, dtype, features, adapter_dtype=None, device=DEVIC
     return x, weight, A, B, kw
 
 
-def run_and_compare(backend, x, weight, A, B, kw, dtype, seed=1234):
-    """Run lora_linear on `backend`, then the float64 reference with the same dropout mask; compare all."""
-    with lk.backend.use(backend):
+def run_and_compare(backend, x, weight, A, B, kw, dtype, seed=1234, ref_weight=None, guard=None):
+    """Run lora_linear on `backend`, then the float64 reference with the same dropout mask; compare all.
+
+    ``ref_weight``: the float64 (out, in) weight of the reference (default: ``weight`` itself; a quantized base
+    passes its dequantization); ``guard``: a context manager the op's forward and backward run in."""
+    with guard or contextlib.nullcontext(), lk.backend.use(backend):
         y = lk.lora_linear(x, weight, A, B, seed=seed, **kw)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+    W64 = f64(weight) if ref_weight is None else ref_weight
 
     leaves = {"x": x, "lora_A": A, "lora_B": B, "rank_scale": kw.get("rank_scale"), "bias": kw.get("bias")}
     ref_leaves = {k: f64(v) for k, v in leaves.items()}
@@ -61,13 +66,13 @@ def run_and_compare(backend, x, weight, A, B, kw, dtype, seed=1234):
         M, K = x.reshape(-1, x.shape[-1]).shape
         km = keep_mask(seed, M, K, p, x.device, backend).view(x.shape)
     y_ref = reference.lora_linear(
-        ref_leaves["x"], f64(weight), ref_leaves["lora_A"], ref_leaves["lora_B"], kw["scaling"],
+        ref_leaves["x"], W64, ref_leaves["lora_A"], ref_leaves["lora_B"], kw["scaling"],
         bias=ref_leaves["bias"], dropout_p=p, rank_scale=ref_leaves["rank_scale"],
         mask_A=kw.get("mask_A"), mask_B=kw.get("mask_B"), keep_mask=km,
     )
     y_ref.backward(f64(grad_y))
     y_mag, grad_mag = magnitudes(lambda m: reference.lora_linear(
-        m["x"], f64(weight).abs(), m["lora_A"], m["lora_B"], abs(kw["scaling"]), bias=m["bias"], dropout_p=p,
+        m["x"], W64.abs(), m["lora_A"], m["lora_B"], abs(kw["scaling"]), bias=m["bias"], dropout_p=p,
         rank_scale=m["rank_scale"], mask_A=kw.get("mask_A"), mask_B=kw.get("mask_B"), keep_mask=km,
     ), leaves, grad_y)
 

@@ -16,11 +16,12 @@ import torch
 
 import loranull_kernels as lk
 from loranull_kernels import reference
-from loranull_kernels.ops.lora_linear import QuantizedWeight, keep_mask
+from loranull_kernels.ops.lora_linear import QuantizedWeight
 
 from ..conftest import DEVICE
-from ..helpers import assert_close, f64, magnitudes
+from ..helpers import assert_close, f64
 from .test_lora_linear import FEATURES, make_inputs
+from .test_lora_linear import run_and_compare as dense_run_and_compare
 
 BACKENDS = ["torch", "triton"]
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -66,42 +67,8 @@ def _no_dense_weight(backend: str):
 def run_and_compare(backend, x, qw, A, B, kw, dtype, seed=1234):
     """lora_linear on ``backend`` with the quantized base ``qw``, then the float64 reference on
     ``reference.dequantize(qw)`` with the same dropout mask; output and every gradient compared."""
-    with _no_dense_weight(backend), lk.backend.use(backend):
-        y = lk.lora_linear(x, qw, A, B, seed=seed, **kw)
-        grad_y = torch.randn_like(y)
-        y.backward(grad_y)
-
-    W = reference.dequantize(qw)
-    leaves = {"x": x, "lora_A": A, "lora_B": B, "rank_scale": kw.get("rank_scale"), "bias": kw.get("bias")}
-    ref_leaves = {k: f64(v) for k, v in leaves.items()}
-    if not kw["train_A"]:
-        ref_leaves["lora_A"].requires_grad_(False)
-    p = kw["dropout_p"]
-    km = None
-    if p > 0:
-        M, K = x.reshape(-1, x.shape[-1]).shape
-        km = keep_mask(seed, M, K, p, x.device, backend).view(x.shape)
-
-    def ref(m, weight, scaling):
-        return reference.lora_linear(m["x"], weight, m["lora_A"], m["lora_B"], scaling, bias=m["bias"], dropout_p=p,
-                                     rank_scale=m["rank_scale"], mask_A=kw.get("mask_A"), mask_B=kw.get("mask_B"),
-                                     keep_mask=km)
-
-    y_ref = ref(ref_leaves, W, kw["scaling"])
-    y_ref.backward(f64(grad_y))
-    y_mag, grad_mag = magnitudes(lambda m: ref(m, W.abs(), abs(kw["scaling"])), leaves, grad_y)
-
-    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (qw.shape[0],)
-    assert_close(y, y_ref, dtype, "y", magnitude=y_mag)
-    for name, leaf in leaves.items():
-        if leaf is None:
-            continue
-        if name == "lora_A" and not kw["train_A"]:
-            assert leaf.grad is None, "train_A=False must not produce a gradient for lora_A"
-            continue
-        assert leaf.grad is not None, f"no gradient for {name}"
-        assert leaf.grad.dtype == leaf.dtype, f"{name}.grad dtype {leaf.grad.dtype} != {leaf.dtype}"
-        assert_close(leaf.grad, ref_leaves[name].grad, dtype, f"d{name}", magnitude=grad_mag[name])
+    return dense_run_and_compare(backend, x, qw, A, B, kw, dtype, seed, ref_weight=reference.dequantize(qw),
+                                 guard=_no_dense_weight(backend))
 
 
 def _inputs(fmt, shape, dtype, features, device=DEVICE, adapter_dtype=None, **quant):
