@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .blocks import BlockInputs, find_block_stack
-from .calibrate import (_Calibration, _model_device, _run_batch, _token_mask, calibrate_modules, check_max_batches,
-                        distributed, iterate_batches, on_every_rank)
+from .blocks import BlockInputs, find_block_stack, module_device
+from .calibrate_one_pass import (Calibration, calibrate_modules, check_max_batches, distributed, iterate_batches,
+                                 on_every_rank, run_batch, token_mask)
 
 MODES = ("auto", "sequential", "one_pass")
 OFFLOADS = (None, "cpu")
@@ -116,8 +116,8 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         model.eval()
         with torch.no_grad():
             inputs = BlockInputs(offload)
-            batches = iterate_batches(data, _model_device(model), max_batches, show, "capturing block inputs")
-            on_every_rank(lambda: inputs.capture(model, blocks, batches, lambda b: _run_batch(model, b), _token_mask))
+            batches = iterate_batches(data, module_device(model), max_batches, show, "capturing block inputs")
+            on_every_rank(lambda: inputs.capture(model, blocks, batches, lambda b: run_batch(model, b), token_mask))
             if not multi and len(inputs) == 0:
                 raise ValueError("calibration data is empty: it yielded no batch")
             last_needed = max((i for i, ts in enumerate(per_block) if ts), default=-1)
@@ -151,7 +151,7 @@ def _one_block(block: nn.Module, i: int, block_name: str, targets: list, inputs:
     if not targets:  # a block without targets still maps its inputs to the next block's
         on_every_rank(lambda: inputs.run(block, i, lambda b: None, keep_outputs))
         return None
-    state = _Calibration(targets, normalize)
+    state = Calibration(targets, normalize)
     handles = [m.register_forward_pre_hook(state.hook(n), with_kwargs=True) for n, m in targets]
     try:
         on_every_rank(lambda: inputs.run(block, i, lambda b: state.start_batch(inputs.token_masks[b]), keep_outputs))

@@ -62,7 +62,7 @@ def replace_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Module]],
 def _calibrate_and_replace(model, config, targets, data, make_layer, covariances, mode, offload, kwargs) -> None:
     """Calibrate (one pass or block by block) and swap each group of targets as soon as its covariances are known."""
     from . import calibration_memory
-    from .calibrate import calibrate_modules
+    from .calibrate_one_pass import calibrate_modules
     from .calibrate_sequential import calibrate_blocks, resolve_mode, split_targets
     from .nullspace import precomputed
 

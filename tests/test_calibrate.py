@@ -13,7 +13,7 @@ from loranull_kernels.inject import inject
 from .helpers import assert_close, free_port, spawn_and_join
 from .tiny_models import capture_inputs, tiny_model, token_batches
 
-calibrate_module = importlib.import_module("loranull_kernels.calibrate")  # lk.calibrate is the function
+one_pass_module = importlib.import_module("loranull_kernels.calibrate_one_pass")  # where the accumulators are made
 
 LLAMA_SHARED = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
@@ -69,7 +69,7 @@ def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeyp
             created.append(self.name)
 
     real_update = covariance_module.covariance_update
-    monkeypatch.setattr(calibrate_module, "CovarianceAccumulator", Counting)
+    monkeypatch.setattr(one_pass_module, "CovarianceAccumulator", Counting)
     monkeypatch.setattr(covariance_module, "covariance_update", lambda *a: updates.append(1) or real_update(*a))
     model = tiny_model("llama")
     data = token_batches(3, seed=1)
