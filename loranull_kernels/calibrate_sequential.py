@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .blocks import BlockInputs, find_block_stack, module_device
+from .blocks import BlockInputs, NotAChain, find_block_stack, module_device
 from .calibrate_one_pass import (Calibration, calibrate_modules, check_max_batches, distributed, iterate_batches,
                                  on_every_rank, run_batch, token_mask)
 
@@ -106,9 +106,6 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
     name, blocks = stack
     per_block, outside = split_targets(stack, targets)
     outside_covs = None
-    if outside:  # before any block is adapted: see the module docstring
-        outside_covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress,
-                                         max_batches=max_batches)
     # By name, not by module: a dict of the modules would keep every replaced layer (and its weight) alive until
     # the end, and the adapters created meanwhile must get their layer's mode back too.
     modes = {n: m.training for n, m in model.named_modules()}
@@ -117,9 +114,14 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         with torch.no_grad():
             inputs = BlockInputs(offload)
             batches = iterate_batches(data, module_device(model), max_batches, show, "capturing block inputs")
+            # First, so that a model the blocks cannot reproduce is known before any statistic is taken.
             on_every_rank(lambda: inputs.capture(model, blocks, batches, lambda b: run_batch(model, b), token_mask))
+            _raise_if_not_a_chain(inputs.not_chain, multi)
             if not multi and len(inputs) == 0:
                 raise ValueError("calibration data is empty: it yielded no batch")
+            if outside:  # before any block is adapted: see the module docstring
+                outside_covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress,
+                                                 max_batches=max_batches)
             last_needed = max((i for i, ts in enumerate(per_block) if ts), default=-1)
             bar = tqdm(range(last_needed + 1), desc="calibrating blocks", unit="block", disable=not show)
             for i in bar:
@@ -135,6 +137,19 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         _restore_modes(model, modes)
     if outside_covs is not None:
         on_block("<outside the block stack>", outside, outside_covs)
+
+
+def _raise_if_not_a_chain(reason: str | None, multi: bool) -> None:
+    """:class:`~loranull_kernels.blocks.NotAChain` on every rank when the first batch of any rank showed that the
+    blocks are not a plain chain (every rank must take the same way out)."""
+    if multi:
+        import torch.distributed as dist
+
+        reasons: list = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        reason = next((r for r in reasons if r is not None), None)
+    if reason is not None:
+        raise NotAChain(reason)
 
 
 def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
