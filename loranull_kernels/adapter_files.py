@@ -192,6 +192,19 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
     return meta, cfg
 
 
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, dict]]:
+    """The config and the per-module entries (shapes, dtypes) of the adapter directory ``path``, from its JSON
+    alone (no tensor is read): for checks before a load, e.g. that a checkpoint fits a model's optimiser state.
+
+    Raises:
+        FileNotFoundError: no adapter JSON at ``path``. ValueError: a damaged or foreign JSON (named)."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a loranull_kernels adapter directory (no {CONFIG_NAME})")
+    meta, cfg = _read_meta(cfg_file)
+    return cfg, meta["modules"]
+
+
 def _split_key(key: str, modules: dict) -> tuple[str, str] | None:
     module, _, field = key.rpartition(".")
     return (module, field) if module in modules else None
