@@ -42,7 +42,7 @@ from . import atomic_dir
 from ._dtypes import compute_dtype
 from .adapter_layers import adapter_layers, single_config
 from .config import AdapterConfig
-from .methods import REGULARIZERS, SPARSITY
+from .methods import METHODS, REGULARIZERS, SPARSITY
 from .nn import LoRALinear
 from .base_weight import base_weight
 from .targets import check_materialized, is_linear_like, linear_shape
@@ -174,6 +174,10 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
             raise _bad(cfg_file, f"key {key!r} is a {type(meta[key]).__name__}, expected an object")
     if not meta["modules"]:
         raise _bad(cfg_file, "key 'modules' is empty")
+    method = meta["config"].get("method")
+    if isinstance(method, str) and method not in METHODS:  # a custom method: its fields would look unknown
+        raise ValueError(f"{cfg_file}: the adapter was saved with method {method!r}, which is not registered here "
+                         f"(registered: {sorted(METHODS)}); register it (lk.methods.register) before loading")
     try:
         cfg = AdapterConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:

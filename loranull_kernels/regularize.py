@@ -172,11 +172,17 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
     """
     chosen = []  # module order: under FSDP2 every rank must all-gather the same tensors in the same order
     wanted: set[int] = set()  # the parameters that get the penalty's gradient here
-    for _, layer, cfg in configured_layers(model):
-        if cfg.effective_regularizer is None or layer.merged or (skip is not None and layer in skip):
-            continue
+    for name, layer, cfg in configured_layers(model):
+        # The optimiser's parameters first: an optimiser of another model never reads this one's registry entries.
         stepped = {id(p) for p in _trainable(layer) if params is None or id(p) in params}
-        if not stepped:
+        if not stepped or layer.merged or (skip is not None and layer in skip):
+            continue
+        try:
+            regularizer = cfg.effective_regularizer
+        except ValueError as e:  # its method was unregistered while the model still used it
+            raise ValueError(f"penalty hooks: adapter {name!r} was made with method {cfg.method!r}, which is no "
+                             f"longer registered ({e})") from None
+        if regularizer is None:
             continue
         in_loss = layer.__dict__.get(_IN_LOSS, set())
         if in_loss:  # these are stepped now with the penalty already in their gradient: unmark them
