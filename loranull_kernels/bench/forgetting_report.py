@@ -21,6 +21,11 @@ from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run
 from .forgetting_table import markdown_table, plot, summarize
 
 
+# What --replot reads of a runs CSV (summarize, plot and the title).
+_RUN_COLUMNS = ("method", "family", "lr", "lalora_lambda", "selected", "trainable", "recall_before", "target_accuracy",
+                "retention", "device")
+
+
 def load_runs(path) -> list[dict]:
     """The run rows of a ``forgetting*_runs_<device>.csv``, with numbers and booleans parsed back."""
     import csv
@@ -35,6 +40,27 @@ def load_runs(path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _read_for_replot(p: argparse.ArgumentParser, runs_csv: str) -> tuple[list[dict], list[dict], dict]:
+    """The runs, their summary and the model row (from the summary CSV beside it, when there) of ``--replot``; a
+    file that is not a runs CSV of this benchmark is a one-line error naming the option (exit status 2)."""
+    import csv
+
+    try:
+        runs = load_runs(runs_csv)
+        sibling = Path(runs_csv).with_name(Path(runs_csv).name.replace("_runs", ""))
+        rows = load_runs(sibling) if sibling != Path(runs_csv) and sibling.is_file() else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        p.error(f"--replot {runs_csv!r}: cannot be read as CSV ({type(e).__name__}: {e})")
+    missing = [c for c in _RUN_COLUMNS if not runs or c not in runs[0]]
+    if missing:
+        p.error(f"--replot {runs_csv!r}: not a runs CSV of this benchmark ("
+                + ("no rows" if not runs else f"no column {missing[0]!r}") + ")")
+    summary = summarize(runs)
+    if not summary:
+        p.error(f"--replot {runs_csv!r}: no run is marked selected")
+    return runs, summary, rows[0] if rows else {}
 
 
 def _title(device, parameters, facts, recall_before, r, steps, seeds) -> str:
@@ -95,6 +121,19 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.replot and not Path(args.replot).is_file():
         p.error(f"--replot {args.replot!r}: no such file")
+    if args.replot:
+        unused = [f"--{name.replace('_', '-')}" for name in ("quick", "out_dir", "methods", "seeds", "device", "workers",
+                                                             "pretrain_steps", "model")
+                  if getattr(args, name) != p.get_default(name)]
+        if unused:  # (they were ignored)
+            p.error(f"{unused[0]} does nothing with --replot, which redraws the plot next to the CSV from its runs")
+        why = _cli.unwritable_dir(Path(args.replot).resolve().parent, "--replot")
+    else:
+        why = (_cli.unwritable_dir(args.out_dir, "--out-dir") if args.out_dir is not None
+               else _cli.unwritable_dir(harness.default_out_dir(), "the default --out-dir ($LORANULL_RESULTS)")) \
+            or _cli.unwritable_dir(harness.cache_dir(), "the model cache ($LORANULL_CACHE)")
+    if why:
+        p.error(why)
     if args.model is not None and not args.replot:
         from . import llm_forgetting_report
 
@@ -115,11 +154,8 @@ def main(argv=None) -> dict:
     except ValueError as exc:
         p.error(str(exc))
     if args.replot:
-        runs = load_runs(args.replot)
-        summary = summarize(runs)
-        sibling = Path(args.replot).with_name(Path(args.replot).name.replace("_runs", ""))
-        model = load_runs(sibling)[0] if sibling.exists() else {}
-        path = sibling.with_suffix(".png")
+        runs, summary, model = _read_for_replot(p, args.replot)
+        path = Path(args.replot).with_name(Path(args.replot).name.replace("_runs", "")).with_suffix(".png")
         plot(summary, runs, path, _title(runs[0]["device"], model.get("model_parameters"), model.get("facts"),
                                          runs[0]["recall_before"], runs[0].get("r"), runs[0].get("steps"),
                                          max(r["seeds"] for r in summary)))

@@ -45,8 +45,8 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
 def config_from_args(args) -> LLMBenchmarkConfig:
     """The configuration ``loranull-forgetting --model`` runs: ``--quick`` or the full one, with ``--methods`` and
     ``--seeds`` applied. Raises ValueError for an unknown method name and FileNotFoundError for a missing model file
-    or folder, before any model is loaded."""
-    llm_model.resolve(args.model)
+    or folder, or a Hugging Face id neither the hub nor its cache has, before any model is loaded."""
+    llm_model.check_available(llm_model.resolve(args.model))
     cfg = QUICK if args.quick else FULL
     if args.methods is not None:
         cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
