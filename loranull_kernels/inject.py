@@ -89,8 +89,13 @@ def _calibrate_and_replace(model, config, targets, data, make_layer, covariances
         covariances.update(covs)
         with precomputed(solved):
             replace_targets(model, group, make_layer, freeze=False, rollback=rollback)
-        for name, _ in group:  # the adapters hold what they need: free the group's covariances now
+        done = {name for name, _ in group}
+        for name in done:  # the adapters hold what they need: free the group's covariances now
             covariances.pop(name, None)
+        # ... and drop these lists' references to the replaced layers (the rollback keeps its own while it needs
+        # them): without a rollback, every block's old weights would otherwise stay alive until inject returns
+        targets[:] = [t for t in targets if t[0] not in done]
+        group.clear()
         return note
 
     calibrate_groups(model, targets, data, adapt, calibration_mode=mode, offload=offload,
@@ -132,7 +137,8 @@ def _check_calibration_options(config: AdapterConfig, calibration_data, calibrat
 
 
 def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, penalty_hooks: bool = True,
-           calibration_mode: str = "auto", offload: str | None = None, **calibrate_kwargs) -> nn.Module:
+           calibration_mode: str = "auto", offload: str | None = None, transactional: bool = True,
+           **calibrate_kwargs) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by adapters, in place, and freeze everything else.
 
     Targets follow ``config.target_modules`` / ``config.exclude_modules`` (see
@@ -178,17 +184,22 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
             keyword argument, or calibration data that is a single batch rather than an iterable of batches.
         CalibrationMemoryError: the covariances held at once would exceed a device's free memory.
 
-    These are all raised before the model is touched. ``inject`` is transactional: any failure afterwards (an
-    initialiser on a non-finite weight, non-finite activations in a later block, ``KeyboardInterrupt``...) puts
-    back every replaced module, every parameter's ``requires_grad`` and every module's train/eval mode, and leaves
-    the penalty hooks as they were, before the exception propagates; the same model can then be injected again.
-    For that, the replaced layers are kept until ``inject`` returns: the peak memory grows by the targeted layers'
-    weights (plus, when calibrating, the covariances held at once).
+    These are all raised before the model is touched. ``inject`` is transactional (:mod:`loranull_kernels.rollback`):
+    any failure afterwards (non-finite activations in a later block, an initialiser's error, ``KeyboardInterrupt``...)
+    puts back every replaced module, every parameter's ``requires_grad`` and every module's train/eval mode, and
+    leaves the penalty hooks as they were, before the exception propagates; the same model can then be injected
+    again. For that, the replaced layers are kept until ``inject`` returns, so the peak memory grows by the targeted
+    layers' weights (plus, when calibrating, the covariances held at once). ``transactional=False`` frees each
+    replaced layer at once (the peak grows by one layer: block by block, memory stays flat in the number of
+    blocks), and a failure after the first layer was replaced then leaves the layers before it adapted and every
+    parameter frozen: start again from a fresh copy of the model.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     config.validate()
     _check_fresh(model)
+    if not isinstance(transactional, bool):
+        raise TypeError(f"transactional must be a bool, got {transactional!r}")
     _check_calibration_options(config, calibration_data, calibration_mode, offload, calibrate_kwargs)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config)
@@ -209,7 +220,7 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
         return LoRALinear.from_linear(linear, config=config, covariance=covariances.get(name), generator=gen)
 
     covariances: dict[str, torch.Tensor] = {}
-    with Rollback(model) as rollback:  # any failure below, Ctrl-C included, leaves the model as it was
+    with Rollback(model, enabled=transactional) as rollback:  # any failure below, Ctrl-C included, is undone
         if not config.needs_calibration:
             replace_targets(model, targets, make_layer, rollback=rollback)
         else:

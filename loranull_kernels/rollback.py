@@ -15,18 +15,22 @@ from .regularize import disable_penalty_hooks, penalty_hooks_enabled
 
 class Rollback:
     """``with Rollback(model) as rollback:`` around an edit of ``model``; swap modules with :meth:`swap`. On an
-    exception (any ``BaseException``) the model is restored before it propagates; on success nothing is undone."""
+    exception (any ``BaseException``) the model is restored before it propagates; on success nothing is undone.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self._training = [(m, m.training) for m in model.modules()]
+    ``enabled=False`` records nothing and undoes nothing (each replaced module is freed at once): the edit is then
+    not transactional, for models where the replaced layers' weights cannot stay in memory until it ends."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.model, self.enabled = model, enabled
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()] if enabled else []
+        self._training = [(m, m.training) for m in model.modules()] if enabled else []
         self._hooks_were_on = penalty_hooks_enabled(model)
         self._swapped: list[tuple[str, nn.Module]] = []
 
     def swap(self, name: str, module: nn.Module) -> None:
         """``model.set_submodule(name, module)``, keeping the module it replaces for :meth:`undo`."""
-        self._swapped.append((name, self.model.get_submodule(name)))
+        if self.enabled:
+            self._swapped.append((name, self.model.get_submodule(name)))
         self.model.set_submodule(name, module)
 
     def undo(self) -> None:
@@ -46,7 +50,7 @@ class Rollback:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
+        if exc_type is not None and self.enabled:
             self.undo()
         self._swapped.clear()  # on success: release the replaced modules now
         self._requires_grad.clear()

@@ -187,3 +187,39 @@ def test_a_failure_after_the_penalty_hooks_were_enabled(monkeypatch):
         lk.inject(model, lk.AdapterConfig(method="kasa", r=4), progress=False)
     assert_as_before(model, before)
     assert not lk.regularize.penalty_hooks_enabled(model)
+
+
+@pytest.mark.parametrize("transactional", [True, False])
+def test_replaced_layers_live_until_inject_returns_only_when_transactional(transactional):
+    """The rollback keeps block 0's replaced layers while block 1 calibrates; transactional=False frees them at
+    once (flat memory in the number of blocks). Either way none outlives inject."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    block0 = [weakref.ref(m) for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    seen = []
+
+    def while_block_1_runs(module, args):
+        gc.collect()
+        seen.append(sum(r() is not None for r in block0))
+
+    handle = model.model.layers[1].input_layernorm.register_forward_pre_hook(while_block_1_runs)
+    lk.inject(model, LORA_NULL, calibration_data=token_batches(2), progress=False, calibration_mode="sequential",
+              transactional=transactional)
+    handle.remove()
+    gc.collect()
+    assert seen and seen[-1] == (len(block0) if transactional else 0)
+    assert all(r() is None for r in block0), "a replaced layer outlived inject"
+
+
+def test_not_transactional_leaves_earlier_blocks_adapted_as_documented():
+    model = prepared_model()
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(NonFiniteCalibrationError):
+        lk.inject(model, LORA_NULL, calibration_data=token_batches(2), progress=False, calibration_mode="sequential",
+                  transactional=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, lk.LoRALinear)
+    with pytest.raises(TypeError, match="transactional must be a bool"):
+        lk.inject(tiny_model("llama"), LORA_NULL, calibration_data=token_batches(1), transactional="yes")
