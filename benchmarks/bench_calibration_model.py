@@ -297,6 +297,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--name", default="calibration_model")
     args = parser.parse_args(argv)
+    harness.check_out_dir(parser, args.out_dir)  # before any work, not after it
     only = set(args.only or ("layers", "memory"))
     rows: list[dict] = []
     if "layers" in only:

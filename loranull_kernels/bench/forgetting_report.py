@@ -129,9 +129,8 @@ def main(argv=None) -> dict:
             p.error(f"{unused[0]} does nothing with --replot, which redraws the plot next to the CSV from its runs")
         why = _cli.unwritable_dir(Path(args.replot).resolve().parent, "--replot")
     else:
-        why = (_cli.unwritable_dir(args.out_dir, "--out-dir") if args.out_dir is not None
-               else _cli.unwritable_dir(harness.default_out_dir(), "the default --out-dir ($LORANULL_RESULTS)")) \
-            or _cli.unwritable_dir(harness.cache_dir(), "the model cache ($LORANULL_CACHE)")
+        harness.check_out_dir(p, args.out_dir)
+        why = _cli.unwritable_dir(harness.cache_dir(), "the model cache ($LORANULL_CACHE)")
     if why:
         p.error(why)
     if args.model is not None and not args.replot:

@@ -320,10 +320,7 @@ def main(argv=None) -> list[dict]:
             p.error(f"--{flag} needs --M (it changes the shapes of a custom sweep)")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         p.error(f"--name {args.name!r}: use letters, digits, '_', '-' or '.' (it becomes a file name)")
-    why = (_cli.unwritable_dir(args.out_dir, "--out-dir") if args.out_dir is not None
-           else _cli.unwritable_dir(harness.default_out_dir(), "the default --out-dir ($LORANULL_RESULTS)"))
-    if why:
-        p.error(why)
+    harness.check_out_dir(p, args.out_dir)
 
     device = args.device or _cli.default_device()
     if args.M:
