@@ -92,13 +92,21 @@ def _entry(C: torch.Tensor, b: int) -> str:
     return f"C[{b}]" if C.dim() == 3 else "C"
 
 
+def _non_finite(C: torch.Tensor) -> ValueError | None:
+    """The ValueError naming the first batch entry of C with NaN or Inf, or None."""
+    Cs = C.detach().reshape(-1, *C.shape[-2:])
+    bad = (~torch.isfinite(Cs)).flatten(1).any(1).nonzero().flatten().tolist()
+    return ValueError(f"{_entry(C, bad[0])} has NaN or Inf entries") if bad else None
+
+
 def _why_unsolvable(C: torch.Tensor, error: ValueError) -> ValueError:
     """A solver error on C, with the batch entry it comes from: checked only after a failure, so a solve that works
     pays for no extra pass over C."""
+    non_finite = _non_finite(C)
+    if non_finite is not None:
+        return non_finite
     Cs = C.detach().reshape(-1, *C.shape[-2:])
     for b in range(Cs.shape[0]):
-        if not bool(torch.isfinite(Cs[b]).all()):
-            return ValueError(f"{_entry(C, b)} has NaN or Inf entries")
         if not float(torch.diagonal(Cs[b]).double().sum()) > 0:
             return ValueError(f"{_entry(C, b)} has tr(C) ≤ 0: an all-zero covariance (a layer that saw no "
                               "calibration token?) has no null space to find")
@@ -146,7 +154,7 @@ def eigh_ascending(C: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     A = C.detach().to(dtype)
     if not torch.isfinite(A).all():
-        raise ValueError("C has non-finite entries")
+        raise _non_finite(A)
     return torch.linalg.eigh(A)  # LAPACK / cuSOLVER syevd: ascending already
 
 
@@ -154,6 +162,9 @@ def pick_method(n: int, k: int, oversample: int = DEFAULT_OVERSAMPLE) -> str:
     """What ``method="auto"`` runs for an (n, n) matrix and k eigenvectors: ``"eigh"`` below
     :data:`AUTO_EIGH_BELOW` or when the sketch would not be much smaller than n (``k + oversample > n / 4``),
     else ``"randomized"``."""
+    for name, v, low in (("n", n, 1), ("k", k, 1), ("oversample", oversample, 0)):
+        if not _is_int(v) or v < low:
+            raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
     return "eigh" if n < AUTO_EIGH_BELOW or 4 * (k + oversample) > n else "randomized"
 
 
@@ -176,7 +187,8 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     Args:
         C: (in, in) symmetric covariance, or (batch, in, in) for same-shape layers solved in one call.
         k: ``1 ≤ k ≤ in``. dtype: float32 or float64, the dtype of the result (and of eigh's decomposition).
-        method: ``"auto"``, ``"eigh"`` or ``"randomized"``.
+        method: ``"auto"``, ``"eigh"`` or ``"randomized"`` (when ``k + oversample ≥ in`` the sketch would be no
+            smaller than C, and eigh runs: exact, and cheaper there).
         oversample, n_iter, tol, seed: of the randomized method (:func:`randomized_smallest`; seed: of its
             Gaussian start, None draws from torch's global generator). Ignored by eigh.
     Returns:
@@ -287,7 +299,12 @@ class precomputed:
     share one covariance tensor (q/k/v) thus share one solve."""
 
     def __init__(self, solved):
-        self.table = {id(C): (C, values, Q) for C, values, Q in solved}
+        try:
+            self.table = {id(C): (C, values, Q) for C, values, Q in solved}
+        except (TypeError, ValueError):
+            raise TypeError("precomputed needs an iterable of (C, values, Q) triples") from None
+        if not all(isinstance(t, torch.Tensor) for entry in self.table.values() for t in entry):
+            raise TypeError("precomputed needs (C, values, Q) triples of tensors")
 
     def __enter__(self):
         _PRECOMPUTED.append(self.table)
