@@ -222,6 +222,15 @@ def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
                 assert set(got[key]) == set(everything)
                 for name, C in everything.items():
                     assert_close(got[key][name], C, torch.float32, f"rank {rank} {key} {name}", tol=1e-5)
+    # A stack that is not a chain on one rank's data only: both ranks fell back to one pass, with the global statistic.
+    from .calibrate_workers import OddBatchesTransformed, odd_batches
+
+    one_pass = calibrate(OddBatchesTransformed(), odd_batches(0) + odd_batches(1), progress=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["not_a_chain_warned"]
+        for name, C in one_pass.items():
+            assert_close(got["not_a_chain"][name], C, torch.float32, f"rank {rank} not a chain {name}", tol=1e-5)
     # Block by block inside inject, every rank builds the same adapters, in the null space of the global statistic.
     # (Not compared with a one-process inject: 96 tokens leave these covariances with several eigenvalues at the
     # rounding floor, where which r of them the solver picks is down to rounding.)
