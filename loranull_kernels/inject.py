@@ -198,8 +198,9 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     config.validate()
     _check_fresh(model)
-    if not isinstance(transactional, bool):
-        raise TypeError(f"transactional must be a bool, got {transactional!r}")
+    for name, flag in (("penalty_hooks", penalty_hooks), ("transactional", transactional)):
+        if not isinstance(flag, bool):  # "no" is truthy: a string here would mean its opposite
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     _check_calibration_options(config, calibration_data, calibration_mode, offload, calibrate_kwargs)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config)

@@ -223,3 +223,7 @@ def test_not_transactional_leaves_earlier_blocks_adapted_as_documented():
     assert isinstance(model.model.layers[0].self_attn.q_proj, lk.LoRALinear)
     with pytest.raises(TypeError, match="transactional must be a bool"):
         lk.inject(tiny_model("llama"), LORA_NULL, calibration_data=token_batches(1), transactional="yes")
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="penalty_hooks must be a bool, got 'no'"):  # it was read as True
+        lk.inject(model, lk.AdapterConfig(method="kasa", r=2), penalty_hooks="no")
+    assert not lk.regularize.penalty_hooks_enabled(model)

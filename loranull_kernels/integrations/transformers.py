@@ -185,6 +185,11 @@ class AdapterCallback(TrainerCallback, ExportableState):
 
     def __init__(self, schedule: bool = True, log: bool = True, adapter_only_checkpoints: bool = True,
                  resume_from: str | os.PathLike | None = None):
+        for name, flag in (("schedule", schedule), ("log", log), ("adapter_only_checkpoints", adapter_only_checkpoints)):
+            if not isinstance(flag, bool):  # "no" is truthy: a string here would mean its opposite
+                raise TypeError(f"AdapterCallback: {name} must be a bool, got {flag!r}")
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(f"AdapterCallback: resume_from must be a path or None, got {resume_from!r}")
         self.schedule, self.log, self.adapter_only_checkpoints = schedule, log, adapter_only_checkpoints
         self.resume_from = resume_from
         self._keep_fraction: float | None = None

@@ -298,3 +298,10 @@ def test_attach_checks_the_checkpoint_before_the_trainer_loads_its_optimiser(tmp
         trainer.train(resume_from_checkpoint=str(ckpt))
     after = trainable(model)
     assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_callback_flags_must_be_bools():
+    """schedule="no" was truthy: the schedule ran."""
+    for kw in (dict(schedule="no"), dict(log=0), dict(adapter_only_checkpoints="false"), dict(resume_from=3)):
+        with pytest.raises(TypeError, match=f"AdapterCallback: {next(iter(kw))} must be"):
+            AdapterCallback(**kw)
