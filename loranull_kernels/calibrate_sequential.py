@@ -4,10 +4,15 @@ The calibration set is run up to the first block of the model's block stack (:mo
 then block i alone runs over the stored inputs with the calibration hooks on its targeted layers, its outputs
 become block i + 1's inputs, and ``on_block`` receives its covariances (:func:`~loranull_kernels.inject` turns
 them into adapters there and drops them). Targeted layers outside the stack (BERT's pooler...) are calibrated
-first, in one pass over the whole model with hooks on them only, and handed to ``on_block`` last: calibrating
-them after the blocks were adapted would change their inputs by float32 rounding, which is enough to rotate a
-null space that is degenerate (a pooler sees one vector per sample: a handful of samples leave most of its
+before any block, in one pass over the whole model with hooks on them only, and handed to ``on_block`` last:
+calibrating them after the blocks were adapted would change their inputs by float32 rounding, which is enough to
+rotate a null space that is degenerate (a pooler sees one vector per sample: a handful of samples leave most of its
 eigenvalues at the rounding floor).
+
+The capture comes first of all: its first batch shows whether the model runs the stack as a plain chain
+(:mod:`loranull_kernels.blocks`); if not, :class:`~loranull_kernels.blocks.NotAChain` is raised (on every rank)
+before any statistic is taken or any ``on_block`` call, and :func:`loranull_kernels.calibrate.calibrate_groups`
+refuses or falls back to one pass.
 
 Block i's outputs are those of the block *as it was* when its statistics were taken, i.e. what the whole model
 computes in one pass: the covariances equal the one-pass ones up to float32 rounding (the very same operations on
@@ -96,6 +101,10 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
     Under torch.distributed every rank runs the same blocks in the same order on its own share of the data; each
     block's covariances are all-reduced before ``on_block``, and a failure on one rank is raised on all of them.
     Module train/eval modes are restored and the hooks removed, also on errors.
+
+    Raises:
+        NotAChain: the first batch (of any rank) showed that the blocks run alone cannot reproduce the model;
+            nothing was calibrated and ``on_block`` was not called.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
