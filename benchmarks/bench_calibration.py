@@ -264,6 +264,7 @@ def main(argv=None) -> list[dict]:
                         help="where to write (default: $LORANULL_RESULTS or ~/.cache/loranull_kernels/results; "
                              "benchmarks/results rewrites a checkout's committed results)")
     args = parser.parse_args(argv)
+    harness.check_out_dir(parser, args.out_dir)  # before any work, not after it
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and backend.interpreting():

@@ -9,7 +9,8 @@
    configuration in a fresh process) for a smaller Llama shape (hidden 1024, intermediate 2816) with 2, 4 and 8
    blocks, one pass vs block by block, with glibc's default allocator and with a fixed mmap threshold (see
    :data:`ALLOCATORS`). One pass holds every block's covariances, so it grows with the block count; block by
-   block holds one block's.
+   block holds one block's. ``inject`` keeps the replaced layers until it returns (its rollback), which adds the
+   targeted weights in both modes; ``--not-transactional`` measures ``inject(transactional=False)``.
 3. ``projection``: per-block seconds and bytes from (1), scaled to 7B / 8B / 70B configurations: covariance time
    linear in tokens, solve time by n³ for sizes not measured (70B's 8192 and 28672), covariance memory exact.
 
@@ -123,8 +124,9 @@ def per_block(rows: list[dict], hidden: int, inter: int) -> dict:
 # ---- 2. memory ---------------------------------------------------------------------------------------------------
 
 
-def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dict:
-    """In a fresh process: the peak RSS that ``lk.inject`` adds (VmHWM reset through /proc/self/clear_refs)."""
+def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int, transactional: bool = True) -> dict:
+    """In a fresh process: the peak RSS that ``lk.inject`` adds (VmHWM reset through /proc/self/clear_refs).
+    ``transactional``: inject's own argument (True keeps the replaced layers until it returns, for its rollback)."""
     import gc
 
     from loranull_kernels.config import AdapterConfig
@@ -138,11 +140,12 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
     before = harness.rss_kib("VmRSS")
     t0 = time.perf_counter()
     inject(model, AdapterConfig(method="lora_null", r=r), calibration_data=data, progress=False,
-           calibration_mode=mode)
+           calibration_mode=mode, transactional=transactional)
     seconds = time.perf_counter() - t0
     peak = harness.rss_kib("VmHWM")
     return dict(bench="memory", mode=mode, blocks=blocks, hidden=hidden, inter=inter, r=r, tokens=8 * 2 * 256,
-                rss_before_mib=before / 1024, peak_added_mib=(peak - before) / 1024, seconds=seconds)
+                transactional=transactional, rss_before_mib=before / 1024, peak_added_mib=(peak - before) / 1024,
+                seconds=seconds)
 
 
 # glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which blocks of
@@ -153,12 +156,13 @@ def memory_child(mode: str, blocks: int, hidden: int, inter: int, r: int) -> dic
 ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=128K": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
-def bench_memory(blocks_list, hidden: int, inter: int, r: int) -> list[dict]:
+def bench_memory(blocks_list, hidden: int, inter: int, r: int, transactional: bool = True) -> list[dict]:
     rows = []
     for allocator, env in ALLOCATORS.items():
         for blocks in blocks_list:
             for mode in ("sequential", "one_pass"):
-                cmd = [sys.executable, __file__, "--memory-child", mode, str(blocks), str(hidden), str(inter), str(r)]
+                cmd = [sys.executable, __file__, "--memory-child", mode, str(blocks), str(hidden), str(inter), str(r),
+                       str(int(transactional))]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
                 row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": allocator}
                 print(f"  {allocator}: {mode} {blocks} blocks: +{row['peak_added_mib']:.0f} MiB peak, "
@@ -270,7 +274,8 @@ def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--memory-child":
         mode, blocks, hidden, inter, r = argv[1], *(int(v) for v in argv[2:6])
-        print(json.dumps(memory_child(mode, blocks, hidden, inter, r)))
+        transactional = argv[6] != "0" if len(argv) > 6 else True
+        print(json.dumps(memory_child(mode, blocks, hidden, inter, r, transactional)))
         return []
     parser = argparse.ArgumentParser(prog="bench_calibration_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=("layers", "memory"), default=None)
@@ -279,10 +284,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--r", type=int, default=128, help="null-space dimension of (1)")
     parser.add_argument("--blocks", nargs="*", type=int, default=[2, 4, 8], help="block counts of (2)")
     parser.add_argument("--memory-shape", default="1024x2816", help="HIDDENxINTER of (2)")
+    parser.add_argument("--not-transactional", action="store_true",
+                        help="(2) with inject(transactional=False): each replaced layer freed at once")
     parser.add_argument("--project-tokens", type=int, default=256 * 2048, help="calibration tokens of (3)")
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--name", default="calibration_model")
     args = parser.parse_args(argv)
+    harness.check_out_dir(parser, args.out_dir)  # before any work, not after it
     only = set(args.only or ("layers", "memory"))
     rows: list[dict] = []
     if "layers" in only:
@@ -294,7 +302,7 @@ def main(argv=None) -> list[dict]:
     if "memory" in only:
         h, i = (int(v) for v in args.memory_shape.split("x"))
         print(f"memory: hidden {h}, intermediate {i}", flush=True)
-        rows += bench_memory(args.blocks, h, i, r=16)
+        rows += bench_memory(args.blocks, h, i, r=16, transactional=not args.not_transactional)
     harness.finish(rows, args.name, torch.device("cpu"), markdown(rows), args.out_dir, plot)
     return rows
 

@@ -233,6 +233,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out-dir", default=None, help="where the CSV goes (default: the harness's; the committed "
                         "results live in benchmarks/results)")
     args = parser.parse_args(argv)
+    harness.check_out_dir(parser, args.out_dir)  # before any work, not after it
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows: list[dict] = []
     warm = torch.eye(300, device=device) + 0.01  # first-call overheads (thread pools, LAPACK init) out of the timings

@@ -6,8 +6,7 @@ Each provider trains the same 4-bit model (``llm_model.quantize``: the ``Linear4
 
 - ``peft``: ``peft.get_peft_model(model, LoraConfig(target_modules="all-linear"))``, PEFT's bitsandbytes layers;
 - ``peft+patch``: the same PEFT model after ``lk.integrations.peft.patch`` (its layers run the fused op);
-- ``ours``: ``lk.inject(model, AdapterConfig(method="lora"))`` (:class:`~loranull_kernels.quantized_layer.
-  QuantizedLoRALinear`, the base kept 4-bit);
+- ``ours``: ``lk.inject(model, AdapterConfig(method="lora"))`` (:class:`~loranull_kernels.nn.QuantizedLoRALinear`, the base kept 4-bit);
 - ``ours lora_null v2``: LoRA-Null with A frozen, calibrated on a few batches first (its calibration is not timed).
 
 Per process: the RSS after loading and quantizing the model, the peak RSS from then to the end of training

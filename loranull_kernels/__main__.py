@@ -27,6 +27,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     start = time.perf_counter()
     out_dir = args.out_dir if args.out_dir is not None else str(harness.default_out_dir())
+    if not args.skip_bench:
+        harness.check_out_dir(p, args.out_dir)
     backend.report()
     rows = None
     if not args.skip_bench:

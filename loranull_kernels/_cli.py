@@ -9,7 +9,9 @@ exits with its result as status.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -84,6 +86,22 @@ def device(text: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return dev
+
+
+def unwritable_dir(path, option: str) -> str | None:
+    """Why the folder ``path`` (given as ``option``, or its default) cannot receive the command's files, or None:
+    checked before any work, so that a long run does not end on a file where the folder should be. Nothing is
+    created here: the first existing folder on the way must be writable, and nothing on the way may be a file."""
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == target else f" ({existing} is a file)"
+        return f"{option} {str(path)!r}: not a folder{where}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {str(path)!r}: {existing} is not writable"
+    return None
 
 
 def default_device() -> torch.device:

@@ -8,8 +8,11 @@ Format (a directory, :data:`FORMAT_VERSION` 1):
   trained), ``<name>.base_fingerprint`` (out,) float64: ``W v`` of the *original* weight W for a fixed random
   ``v``, so loading onto another base is refused, and every other persistent buffer of the layer under its own
   name (the method pieces' state: RoseLoRA's ``rose_*`` importance, LaLoRA's ``lalora_*`` curvature and θ0).
-- ``loranull_adapter.json``: format name and version, package version, ``AdapterConfig.to_dict()``, and per module
-  its shapes, bias, Conv1D layout and base dtype.
+- ``loranull_adapter.json``: format name and version, package version, ``AdapterConfig.to_dict()``, per module
+  its shapes, bias, Conv1D layout and base dtype, and ``sha256``: per tensor of the safetensors file, the SHA-256 of
+  its dtype, shape and bytes, verified on loading (a tensor overwritten with other finite values is otherwise
+  indistinguishable from a trained one). Files written before the digests existed have no ``sha256`` and load as
+  before.
 
 Base-rewriting methods (pissa, milora, lora_null, kasa) store no residual base: it is rebuilt at load time as
 ``W − s·B0A0`` from the model's original weight W and the saved ``B0``, ``A0``, with the very operations
@@ -29,9 +32,11 @@ field's dtype (the adapter's float dtype as saved, bool masks, float64 fingerpri
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import safetensors.torch as st
@@ -42,9 +47,8 @@ from . import atomic_dir
 from ._dtypes import compute_dtype
 from .adapter_layers import adapter_layers, single_config
 from .config import AdapterConfig
-from .methods import REGULARIZERS, SPARSITY
-from .nn import LoRALinear
-from .quantized_layer import QuantizedLoRALinear
+from .methods import METHODS, REGULARIZERS, SPARSITY
+from .nn import LoRALinear, QuantizedLoRALinear
 from .base_weights import base_weight
 from .base_weights.base import fingerprint as _fingerprint
 from .targets import check_materialized, is_linear_like, linear_shape
@@ -106,6 +110,13 @@ def cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 (hex) of a CPU tensor's dtype, shape and bytes: what the JSON's ``sha256`` holds per tensor."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # -------------------------------------------------------------------------------------------------------- save
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write every :class:`LoRALinear` adapter of ``model`` to the directory ``path`` (see the module docstring).
@@ -143,7 +154,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         if isinstance(layer, QuantizedLoRALinear):  # informational: any kind of base loads it (same fingerprint)
             modules[name]["base_kind"] = layer.base.kind
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
-            "config": cfg.to_dict(), "modules": modules}
+            "config": cfg.to_dict(), "modules": modules,
+            "sha256": {key: tensor_digest(t) for key, t in sorted(tensors.items())}}
     with atomic_dir.atomic_directory(path, (CONFIG_NAME, WEIGHTS_NAME), "save_adapter") as tmp:
         st.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:
@@ -170,6 +182,8 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{cfg_file} has format_version {version!r}; this version of "
                          f"loranull_kernels reads up to {FORMAT_VERSION} (written by {meta.get('package_version')})")
+    if version < 1:  # versions start at 1: a 0 or a negative one was never written by this package
+        raise _bad(cfg_file, f"format_version {version} is not a version (they start at 1)")
     for key, kind in (("config", dict), ("modules", dict)):
         if key not in meta:
             raise _bad(cfg_file, f"key {key!r} is missing")
@@ -177,6 +191,14 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
             raise _bad(cfg_file, f"key {key!r} is a {type(meta[key]).__name__}, expected an object")
     if not meta["modules"]:
         raise _bad(cfg_file, "key 'modules' is empty")
+    digests = meta.get("sha256")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in digests.items())):
+        raise _bad(cfg_file, "key 'sha256' must map tensor names to SHA-256 hex digests")
+    method = meta["config"].get("method")
+    if isinstance(method, str) and method not in METHODS:  # a custom method: its fields would look unknown
+        raise ValueError(f"{cfg_file}: the adapter was saved with method {method!r}, which is not registered here "
+                         f"(registered: {sorted(METHODS)}); register it (lk.methods.register) before loading")
     try:
         cfg = AdapterConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
@@ -195,9 +217,38 @@ def _read_meta(cfg_file: Path) -> tuple[dict, AdapterConfig]:
     return meta, cfg
 
 
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, dict]]:
+    """The config and the per-module entries (shapes, dtypes) of the adapter directory ``path``, from its JSON
+    alone (no tensor is read): for checks before a load, e.g. that a checkpoint fits a model's optimiser state.
+
+    Raises:
+        FileNotFoundError: no adapter JSON at ``path``. ValueError: a damaged or foreign JSON (named)."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a loranull_kernels adapter directory (no {CONFIG_NAME})")
+    meta, cfg = _read_meta(cfg_file)
+    return cfg, meta["modules"]
+
+
 def _split_key(key: str, modules: dict) -> tuple[str, str] | None:
     module, _, field = key.rpartition(".")
     return (module, field) if module in modules else None
+
+
+def _check_digests(weights_file: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor against its SHA-256 in the JSON (files that predate the digests have none: not checked)."""
+    digests = meta.get("sha256")
+    if digests is None:
+        return
+    missing = sorted(set(digests) - set(tensors))
+    if missing:
+        raise _bad(weights_file, f"tensor {missing[0]!r} is missing (listed in {CONFIG_NAME}'s sha256)")
+    for key, t in tensors.items():
+        if key not in digests:
+            raise _bad(weights_file, f"tensor {key!r} has no checksum in {CONFIG_NAME}")
+        if tensor_digest(t) != digests[key]:
+            raise _bad(weights_file, f"tensor {key!r} does not match its SHA-256 in {CONFIG_NAME}: the file was "
+                                     "changed or damaged after it was saved")
 
 
 def _check_keys(weights_file: Path, meta: dict, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -254,6 +305,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch
         tensors = st.load_file(str(weights_file))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged files
         raise _bad(weights_file, f"the tensors cannot be read ({type(e).__name__}: {e})") from None
+    _check_digests(weights_file, meta, tensors)
     _check_keys(weights_file, meta, cfg, tensors)
     return meta, cfg, tensors
 
@@ -425,8 +477,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              f"{refusal}: load it onto a dense or bitsandbytes-quantized copy of the model")
         targets.append((name, module))
     from .inject import replace_targets
+    from .rollback import Rollback
 
-    replace_targets(model, targets, lambda name, lin: _empty_layer(lin, cfg, has_rank_scale[name]))
-    for name, _ in targets:
-        _assign(model.get_submodule(name), name, tensors)
+    with Rollback(model) as rollback:  # interrupted half-way (Ctrl-C, out of memory), the model is left as it was
+        replace_targets(model, targets, lambda name, lin: _empty_layer(lin, cfg, has_rank_scale[name]),
+                        rollback=rollback)
+        for name, _ in targets:
+            _assign(model.get_submodule(name), name, tensors)
     return model

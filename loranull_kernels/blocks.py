@@ -12,6 +12,12 @@ set to False for the capture, and any cache object in the arguments is replaced 
 Most models hand every block the very same extra arguments. That is checked on the first batch, where the whole
 model runs with every block's arguments recorded: if some block gets different ones (per-layer masks such as
 sliding-window layers), every batch is captured that way and each block gets its own.
+
+Running blocks alone reproduces the model only when its forward is a plain chain of the stack: each block called
+once, in order, on the previous block's output. The first batch checks that too (call counts and order, and that
+block i + 1's hidden-state input equals block i's output); a model that transforms the hidden states between
+blocks (``x = 0.5 * (x + block(x))``) or runs its stack twice (weight-shared / looped models such as ALBERT) is
+reported as :class:`NotAChain` before any statistic is taken.
 """
 from __future__ import annotations
 
@@ -96,6 +102,60 @@ class _Stop(Exception):
     """Raised by the capture hook on the first block: the rest of the forward pass is not needed."""
 
 
+class NotAChain(ValueError):
+    """The model's forward does not run its block stack as a plain chain, so block-sequential calibration would
+    compute other statistics than one pass (see the module docstring); ``reason`` says what the first batch showed."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"block-sequential calibration cannot reproduce this model's forward pass: {reason}; use "
+                         "calibration_mode='one_pass'")
+
+
+def _call_order_problem(calls: list[int], n: int) -> str | None:
+    """Why the blocks' calls in one forward pass (indices, in call order) are not ``0, 1, ..., n − 1``, or None."""
+    if calls == list(range(n)):
+        return None
+    counts = {i: calls.count(i) for i in range(n)}
+    repeated = [i for i, c in counts.items() if c > 1]
+    if repeated:
+        return (f"block {repeated[0]} ran {counts[repeated[0]]} times in one forward pass (a looped or weight-shared "
+                "block stack)")
+    missing = [i for i, c in counts.items() if c == 0]
+    if missing:
+        return f"block(s) {missing[:4]} never ran in the forward pass"
+    return f"the blocks ran in the order {calls[:8]}{' ...' if len(calls) > 8 else ''}, not one after the other"
+
+
+class _ChainCheck:
+    """Whether each block's hidden-state input is the previous block's output, unchanged (one forward pass).
+
+    The output is copied when the block returns: a model may change it in place before the next block runs."""
+
+    def __init__(self):
+        self.last: tuple[int, torch.Tensor | None] | None = None  # (block index, copy of its output)
+        self.problem: str | None = None
+
+    def after(self, i: int, out: Any) -> None:
+        try:
+            hidden = block_output(out)
+        except TypeError:
+            hidden = None
+            self.problem = self.problem or f"block {i} returned {type(out).__name__}, not hidden states"
+        self.last = (i, None if hidden is None else hidden.detach().clone())
+
+    def before(self, i: int, hidden: torch.Tensor) -> None:
+        if self.problem is not None or i == 0 or self.last is None or self.last[0] != i - 1:
+            return  # the call order is judged on its own
+        out = self.last[1]
+        # Bit for bit, NaN included: non-finite activations are the calibration's error to report, not a change.
+        if out is None or out.shape != hidden.shape or out.dtype != hidden.dtype or not torch.allclose(
+                out.to(hidden.device), hidden.detach(), rtol=0, atol=0, equal_nan=True):
+            self.problem = (f"the hidden states change between block {i - 1} and block {i} (block {i}'s input is "
+                            f"not block {i - 1}'s output)")
+        self.last = None
+
+
 class BlockInputs:
     """The calibration set's inputs of the current block, batch by batch.
 
@@ -112,6 +172,7 @@ class BlockInputs:
         self.extras: list = []
         self.hidden_as: str | None = None  # "arg": args[0]; "kwarg": kwargs["hidden_states"]
         self.per_block = False
+        self.not_chain: str | None = None  # why the first batch showed the stack is not a plain chain
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -151,6 +212,8 @@ class BlockInputs:
                 self.token_masks.append(token_mask(batch))
                 if b == 0 or self.per_block:
                     self._capture_all(blocks, batch, run_model, first=b == 0)
+                    if self.not_chain is not None:  # nothing captured would be used: the caller falls back
+                        return
                 else:
                     self._capture_first(blocks, batch, run_model)
         finally:
@@ -179,17 +242,29 @@ class BlockInputs:
 
     def _capture_all(self, blocks, batch, run_model, first: bool) -> None:
         seen: dict[int, tuple] = {}
+        calls: list[int] = []  # block indices in call order
+        chain = _ChainCheck() if first else None
         handles = []
         for i, block in enumerate(blocks):
             def hook(module, args, kwargs, i=i):
+                calls.append(i)
+                split = self._split(args, kwargs)
+                if chain is not None:
+                    chain.before(i, split[0])
                 if i not in seen:  # a block called twice in one pass keeps its first call
-                    seen[i] = self._split(args, kwargs)
+                    seen[i] = split
             handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+            if chain is not None:
+                handles.append(block.register_forward_hook(lambda module, args, out, i=i: chain.after(i, out)))
         try:
             run_model(batch)
         finally:
             for h in handles:
                 h.remove()
+        if chain is not None:
+            self.not_chain = _call_order_problem(calls, len(blocks)) or chain.problem
+            if self.not_chain is not None:
+                return
         if sorted(seen) != list(range(len(blocks))):
             missing = sorted(set(range(len(blocks))) - set(seen))
             raise RuntimeError(f"block-sequential calibration: block(s) {missing[:4]} never ran in the forward pass; "

@@ -4,10 +4,15 @@ The calibration set is run up to the first block of the model's block stack (:mo
 then block i alone runs over the stored inputs with the calibration hooks on its targeted layers, its outputs
 become block i + 1's inputs, and ``on_block`` receives its covariances (:func:`~loranull_kernels.inject` turns
 them into adapters there and drops them). Targeted layers outside the stack (BERT's pooler...) are calibrated
-first, in one pass over the whole model with hooks on them only, and handed to ``on_block`` last: calibrating
-them after the blocks were adapted would change their inputs by float32 rounding, which is enough to rotate a
-null space that is degenerate (a pooler sees one vector per sample: a handful of samples leave most of its
+before any block, in one pass over the whole model with hooks on them only, and handed to ``on_block`` last:
+calibrating them after the blocks were adapted would change their inputs by float32 rounding, which is enough to
+rotate a null space that is degenerate (a pooler sees one vector per sample: a handful of samples leave most of its
 eigenvalues at the rounding floor).
+
+The capture comes first of all: its first batch shows whether the model runs the stack as a plain chain
+(:mod:`loranull_kernels.blocks`); if not, :class:`~loranull_kernels.blocks.NotAChain` is raised (on every rank)
+before any statistic is taken or any ``on_block`` call, and :func:`loranull_kernels.calibrate.calibrate_groups`
+refuses or falls back to one pass.
 
 Block i's outputs are those of the block *as it was* when its statistics were taken, i.e. what the whole model
 computes in one pass: the covariances equal the one-pass ones up to float32 rounding (the very same operations on
@@ -25,9 +30,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .blocks import BlockInputs, find_block_stack
-from .calibrate import (_Calibration, _model_device, _run_batch, _token_mask, calibrate_modules, check_max_batches,
-                        distributed, iterate_batches, on_every_rank)
+from .blocks import BlockInputs, NotAChain, find_block_stack, module_device
+from .calibrate_one_pass import (Calibration, calibrate_modules, check_max_batches, distributed, iterate_batches,
+                                 on_every_rank, run_batch, token_mask)
 
 MODES = ("auto", "sequential", "one_pass")
 OFFLOADS = (None, "cpu")
@@ -96,6 +101,10 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
     Under torch.distributed every rank runs the same blocks in the same order on its own share of the data; each
     block's covariances are all-reduced before ``on_block``, and a failure on one rank is raised on all of them.
     Module train/eval modes are restored and the hooks removed, also on errors.
+
+    Raises:
+        NotAChain: the first batch (of any rank) showed that the blocks run alone cannot reproduce the model;
+            nothing was calibrated and ``on_block`` was not called.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -106,9 +115,6 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
     name, blocks = stack
     per_block, outside = split_targets(stack, targets)
     outside_covs = None
-    if outside:  # before any block is adapted: see the module docstring
-        outside_covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress,
-                                         max_batches=max_batches)
     # By name, not by module: a dict of the modules would keep every replaced layer (and its weight) alive until
     # the end, and the adapters created meanwhile must get their layer's mode back too.
     modes = {n: m.training for n, m in model.named_modules()}
@@ -116,10 +122,15 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         model.eval()
         with torch.no_grad():
             inputs = BlockInputs(offload)
-            batches = iterate_batches(data, _model_device(model), max_batches, show, "capturing block inputs")
-            on_every_rank(lambda: inputs.capture(model, blocks, batches, lambda b: _run_batch(model, b), _token_mask))
+            batches = iterate_batches(data, module_device(model), max_batches, show, "capturing block inputs")
+            # First, so that a model the blocks cannot reproduce is known before any statistic is taken.
+            on_every_rank(lambda: inputs.capture(model, blocks, batches, lambda b: run_batch(model, b), token_mask))
+            _raise_if_not_a_chain(inputs.not_chain, multi)
             if not multi and len(inputs) == 0:
                 raise ValueError("calibration data is empty: it yielded no batch")
+            if outside:  # before any block is adapted: see the module docstring
+                outside_covs = calibrate_modules(model, outside, data, normalize=normalize, progress=progress,
+                                                 max_batches=max_batches)
             last_needed = max((i for i, ts in enumerate(per_block) if ts), default=-1)
             bar = tqdm(range(last_needed + 1), desc="calibrating blocks", unit="block", disable=not show)
             for i in bar:
@@ -137,6 +148,19 @@ def calibrate_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]], dat
         on_block("<outside the block stack>", outside, outside_covs)
 
 
+def _raise_if_not_a_chain(reason: str | None, multi: bool) -> None:
+    """:class:`~loranull_kernels.blocks.NotAChain` on every rank when the first batch of any rank showed that the
+    blocks are not a plain chain (every rank must take the same way out)."""
+    if multi:
+        import torch.distributed as dist
+
+        reasons: list = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        reason = next((r for r in reasons if r is not None), None)
+    if reason is not None:
+        raise NotAChain(reason)
+
+
 def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
     """Train/eval modes back by module name; a module created meanwhile (an adapter and its children) takes the
     mode its name had, else its parent's."""
@@ -151,7 +175,7 @@ def _one_block(block: nn.Module, i: int, block_name: str, targets: list, inputs:
     if not targets:  # a block without targets still maps its inputs to the next block's
         on_every_rank(lambda: inputs.run(block, i, lambda b: None, keep_outputs))
         return None
-    state = _Calibration(targets, normalize)
+    state = Calibration(targets, normalize)
     handles = [m.register_forward_pre_hook(state.hook(n), with_kwargs=True) for n, m in targets]
     try:
         on_every_rank(lambda: inputs.run(block, i, lambda b: state.start_batch(inputs.token_masks[b]), keep_outputs))

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .methods import METHODS, OPTIONS, REGULARIZERS, SPARSITY, get_method
-from .methods.base import is_int, is_real
+from .methods import METHODS, OPTIONS, REGULARIZERS, RESERVED, SPARSITY, get_method
+from .methods.base import is_int, is_real, survives_json
 
 
 #: The values of :attr:`AdapterConfig.quantized_rewrite`.
@@ -185,6 +185,9 @@ class AdapterConfig:
                              f"{tuple(SPARSITY)}, None or 'auto'")
         for name, opt in OPTIONS.items():
             opt.check(self.options[name])
+            if not survives_json(self.options[name]):  # saved in the adapter file, it would not load back
+                raise ValueError(f"AdapterConfig.{name}={self.options[name]!r} does not come back from JSON as itself "
+                                 "(adapter files keep the config as JSON); use a list instead of a tuple, str keys")
         for m in METHODS.values():  # every method's cross-field checks: its fields may serve another initialiser
             if m.check_config is not None:
                 m.check_config(self)
@@ -217,8 +220,15 @@ class AdapterConfig:
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
         if not isinstance(d, dict):
             raise ValueError(f"an AdapterConfig is read from a dict of its fields, got {type(d).__name__}")
+        if d.get("method", "lora") not in METHODS:  # its own fields would otherwise be reported as unknown ones
+            raise ValueError(f"AdapterConfig.method={d.get('method')!r} is not a registered method (registered: "
+                             f"{sorted(METHODS)}); register it (lk.methods.register) before reading this config")
         known = {f.name for f in fields(cls) if f.name != "options"} | set(OPTIONS)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown AdapterConfig field(s) {sorted(unknown)} (written by a newer version?)")
         return cls(**d)
+
+
+# An option may not take any of these names (see methods.RESERVED).
+RESERVED.update({f.name for f in fields(AdapterConfig)} | {n for n in dir(AdapterConfig) if not n.startswith("__")})

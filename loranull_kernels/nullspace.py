@@ -12,6 +12,9 @@ where half-precision rounding dominates).
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from ._dtypes import compute_dtype
@@ -53,6 +56,87 @@ def _check_covariance(C: torch.Tensor, name: str = "C", batched: bool = False) -
         raise ValueError(f"{name} must be a square {want} matrix, got shape {tuple(C.shape)}")
 
 
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """ValueError naming the argument when ``t`` holds NaN or Inf (LAPACK's SVD would raise a bare
+    ``_LinAlgError``, and the measures would return nan)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has NaN or Inf entries")
+
+
+def _is_int(v) -> bool:
+    """An int, or an integer scalar of another library (numpy); never a bool (``True`` is no count or seed)."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_solver_options(oversample, n_iter, tol, seed, ridge=RIDGE) -> None:
+    """The randomized solver's knobs, checked by name before any work (also where the eigh path ignores them: a bad
+    value is a mistake whichever method runs)."""
+    for name, v, low in (("oversample", oversample, 0), ("n_iter", n_iter, 1)):
+        if not _is_int(v) or v < low:
+            raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number ≥ 0, got {tol!r}")
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (torch.Generator's range), got {seed!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge <= 0:
+        raise ValueError(f"ridge must be a finite number > 0, got {ridge!r}")
+
+
+def _entry(C: torch.Tensor, b: int) -> str:
+    return f"C[{b}]" if C.dim() == 3 else "C"
+
+
+def _non_finite(C: torch.Tensor) -> ValueError | None:
+    """The ValueError naming the first batch entry of C with NaN or Inf, or None."""
+    Cs = C.detach().reshape(-1, *C.shape[-2:])
+    bad = (~torch.isfinite(Cs)).flatten(1).any(1).nonzero().flatten().tolist()
+    return ValueError(f"{_entry(C, bad[0])} has NaN or Inf entries") if bad else None
+
+
+def _why_unsolvable(C: torch.Tensor, error: ValueError) -> ValueError:
+    """A solver error on C, with the batch entry it comes from: checked only after a failure, so a solve that works
+    pays for no extra pass over C."""
+    non_finite = _non_finite(C)
+    if non_finite is not None:
+        return non_finite
+    Cs = C.detach().reshape(-1, *C.shape[-2:])
+    for b in range(Cs.shape[0]):
+        if not float(torch.diagonal(Cs[b]).double().sum()) > 0:
+            return ValueError(f"{_entry(C, b)} has tr(C) ≤ 0: an all-zero covariance (a layer that saw no "
+                              "calibration token?) has no null space to find")
+    return NotPositiveSemidefiniteError(str(error))
+
+
+class NotPositiveSemidefiniteError(ValueError):
+    """The randomized solver was given a C with eigenvalues clearly below zero (beyond a float32 covariance's
+    rounding): it works on ``(C + δI)⁻¹``, and with the shift δ large enough to factor such a C its eigenvalues and
+    vectors are wrong (measured: eigenvalues 2× off, vectors 79° away). eigh handles any symmetric matrix."""
+
+
+# A float32-accumulated covariance can be indefinite below its rounding floor (~1e-7 of its largest entries, times
+# a modest factor for long sums); an eigenvalue below -NEGATIVE_RTOL · tr(C) is far beyond that, i.e. C is not a
+# covariance. (tr(C) ≥ λ_max for a PSD C, so this floor is at least 1e3 float32 ulps of the largest eigenvalue.)
+NEGATIVE_RTOL = 1e3 * torch.finfo(torch.float32).eps
+
+
+def _refuse_negative(C: torch.Tensor, values: torch.Tensor) -> None:
+    floor = -NEGATIVE_RTOL * torch.diagonal(C.detach(), dim1=-2, dim2=-1).double().sum(-1)
+    bad = (values.reshape(-1, values.shape[-1])[:, 0] < floor.reshape(-1)).nonzero().flatten().tolist()
+    if bad:
+        b = bad[0]
+        smallest = values.reshape(-1, values.shape[-1])[b, 0].item()
+        raise NotPositiveSemidefiniteError(
+            f"{_entry(C, b)} is not positive semi-definite: an eigenvalue is about {smallest:.3g}, below "
+            f"-{NEGATIVE_RTOL:.1e} · tr(C) (far beyond float32 rounding of a covariance), where the randomized "
+            "solver is not accurate; use method='eigh'")
+
+
 def eigh_ascending(C: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """All eigenpairs of the symmetric ``C``, eigenvalues ascending.
 
@@ -70,7 +154,7 @@ def eigh_ascending(C: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     A = C.detach().to(dtype)
     if not torch.isfinite(A).all():
-        raise ValueError("C has non-finite entries")
+        raise _non_finite(A)
     return torch.linalg.eigh(A)  # LAPACK / cuSOLVER syevd: ascending already
 
 
@@ -78,6 +162,9 @@ def pick_method(n: int, k: int, oversample: int = DEFAULT_OVERSAMPLE) -> str:
     """What ``method="auto"`` runs for an (n, n) matrix and k eigenvectors: ``"eigh"`` below
     :data:`AUTO_EIGH_BELOW` or when the sketch would not be much smaller than n (``k + oversample > n / 4``),
     else ``"randomized"``."""
+    for name, v, low in (("n", n, 1), ("k", k, 1), ("oversample", oversample, 0)):
+        if not _is_int(v) or v < low:
+            raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
     return "eigh" if n < AUTO_EIGH_BELOW or 4 * (k + oversample) > n else "randomized"
 
 
@@ -94,18 +181,21 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
       else float64), up to ``n_iter`` blocks of ``k + oversample`` columns (a pair of triangular solves each) until
       the Rayleigh–Ritz estimate converges to ``tol``. Speed and held-out leak against eigh:
       benchmarks/results/nullspace_*.csv and docs/performance.md.
-    - ``"auto"``: :func:`pick_method`.
+    - ``"auto"``: :func:`pick_method`; a C the randomized method refuses as not positive semi-definite
+      (:class:`NotPositiveSemidefiniteError`) is solved by eigh instead, which is exact for any symmetric matrix.
 
     Args:
         C: (in, in) symmetric covariance, or (batch, in, in) for same-shape layers solved in one call.
         k: ``1 ≤ k ≤ in``. dtype: float32 or float64, the dtype of the result (and of eigh's decomposition).
-        method: ``"auto"``, ``"eigh"`` or ``"randomized"``.
+        method: ``"auto"``, ``"eigh"`` or ``"randomized"`` (when ``k + oversample ≥ in`` the sketch would be no
+            smaller than C, and eigh runs: exact, and cheaper there).
         oversample, n_iter, tol, seed: of the randomized method (:func:`randomized_smallest`; seed: of its
             Gaussian start, None draws from torch's global generator). Ignored by eigh.
     Returns:
         ``eigenvalues (…, k)`` ascending and ``Q (…, in, k)`` with orthonormal columns, in ``dtype``, on C's device.
     Raises:
-        ValueError: bad k / method / dtype, non-finite C, or (randomized) a C with ``tr(C) ≤ 0``.
+        ValueError: bad k / method / dtype / solver option (named), non-finite C, or (randomized) a C with
+            ``tr(C) ≤ 0`` or, with ``method="randomized"``, not positive semi-definite (the batch entry is named).
     """
     _check_covariance(C, batched=True)
     n = C.shape[-1]
@@ -115,14 +205,20 @@ def smallest_eigenvectors(C: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if dtype not in _EIGH_DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_solver_options(oversample, n_iter, tol, seed)
     cached = _lookup(C, k)
     if cached is not None:
         return cached[0].to(dtype), cached[1].to(dtype)
+    asked = method
     if method == "auto":
         method = pick_method(n, k, oversample)
     if method == "randomized" and k + oversample < n:
-        values, vectors = randomized_smallest(C, k, oversample=oversample, n_iter=n_iter, tol=tol, seed=seed)
-        return values.to(dtype), vectors.to(dtype)
+        try:
+            values, vectors = randomized_smallest(C, k, oversample=oversample, n_iter=n_iter, tol=tol, seed=seed)
+            return values.to(dtype), vectors.to(dtype)
+        except NotPositiveSemidefiniteError:
+            if asked != "auto":  # asked for by name: say so rather than silently run an O(n³) eigh
+                raise
     values, vectors = eigh_ascending(C, dtype)
     return values[..., :k], vectors[..., :k]
 
@@ -167,19 +263,26 @@ def randomized_smallest(C: torch.Tensor, k: int, *, oversample: int = DEFAULT_OV
     Returns:
         ``values (…, k)`` ascending, ``Q (…, n, k)`` orthonormal, float64.
     Raises:
-        ValueError: non-finite C, ``tr(C) ≤ 0``, bad precision, or C still not factorable with the largest ridge
-            (far from PSD).
+        ValueError: a bad argument (named: k, oversample, n_iter, tol, seed, ridge, precision); non-finite C,
+            ``tr(C) ≤ 0`` (the batch entry is named); :class:`NotPositiveSemidefiniteError` for a C not positive
+            semi-definite beyond float32 rounding (an eigenvalue below ``-NEGATIVE_RTOL · tr(C)``, or not factorable
+            with the largest ridge).
     """
     _check_covariance(C, batched=True)
     n = C.shape[-1]
-    l = k + oversample
-    if not 1 <= k or l >= n or oversample < 0 or n_iter < 1:
-        raise ValueError(f"need 1 ≤ k, oversample ≥ 0, k + oversample < n = {n} and n_iter ≥ 1; got k={k}, "
-                         f"oversample={oversample}, n_iter={n_iter}")
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be an int ≥ 1, got {k!r}")
+    _check_solver_options(oversample, n_iter, tol, seed, ridge)
+    if k + oversample >= n:
+        raise ValueError(f"need k + oversample < n = {n}; got k={k}, oversample={oversample}")
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
-    values, vectors, _ = null_space.smallest_eigenpairs(C, k, oversample=oversample, n_iter=n_iter, tol=tol,
-                                                        seed=seed, ridge=ridge, precision=precision)
+    try:
+        values, vectors, _ = null_space.smallest_eigenpairs(C, k, oversample=oversample, n_iter=n_iter, tol=tol,
+                                                            seed=seed, ridge=ridge, precision=precision)
+    except ValueError as e:
+        raise _why_unsolvable(C, e) from None
+    _refuse_negative(C, values)
     return values, vectors
 
 
@@ -196,7 +299,12 @@ class precomputed:
     share one covariance tensor (q/k/v) thus share one solve."""
 
     def __init__(self, solved):
-        self.table = {id(C): (C, values, Q) for C, values, Q in solved}
+        try:
+            self.table = {id(C): (C, values, Q) for C, values, Q in solved}
+        except (TypeError, ValueError):
+            raise TypeError("precomputed needs an iterable of (C, values, Q) triples") from None
+        if not all(isinstance(t, torch.Tensor) for entry in self.table.values() for t in entry):
+            raise TypeError("precomputed needs (C, values, Q) triples of tensors")
 
     def __enter__(self):
         _PRECOMPUTED.append(self.table)
@@ -243,6 +351,8 @@ def minor_singular_components(W: torch.Tensor, r: int, method: str = "auto", *, 
         raise ValueError(f"r must be an int in [1, {m}], got {r!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    _check_solver_options(max(64, r) if oversample is None else oversample, n_iter, tol, seed)
+    _check_finite(W, "W")
     dtype = compute_dtype(W.dtype)
     if oversample is None:
         oversample = max(64, r)
@@ -273,6 +383,9 @@ def row_space_basis(A: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     """
     if not isinstance(A, torch.Tensor) or not A.dtype.is_floating_point or A.dim() != 2:
         raise ValueError(f"A must be a floating-point (r, in) matrix, got {getattr(A, 'shape', type(A).__name__)}")
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0):
+        raise ValueError(f"rtol must be None or a number ≥ 0, got {rtol!r}")
+    _check_finite(A, "A")
     dtype = compute_dtype(A.dtype)
     _, S, Vh = torch.linalg.svd(A.detach().to(dtype), full_matrices=False)
     if rtol is None:
@@ -285,15 +398,27 @@ def energy_fraction(C: torch.Tensor, Q: torch.Tensor) -> float:
     """``tr(Qᵀ C Q) / tr(C)``: the fraction of the activation energy that lies in ``span(Q)``.
 
     Args:
-        C: (in, in) uncentred covariance (any scale). Q: (in, k) with orthonormal columns.
+        C: (in, in) uncentred covariance (any scale). Q: (in, k) with orthonormal columns (an adapter's A is not:
+            pass :func:`row_space_basis` of it).
     Returns:
         A float in [0, 1] (up to rounding).
+    Raises:
+        ValueError: shapes, NaN / Inf in C or Q, columns of Q that are not orthonormal, ``tr(C) ≤ 0``.
     """
     _check_covariance(C)
-    if not isinstance(Q, torch.Tensor) or Q.dim() != 2 or Q.shape[0] != C.shape[0]:
-        raise ValueError(f"Q must be ({C.shape[0]}, k), got {getattr(Q, 'shape', type(Q).__name__)}")
+    if not isinstance(Q, torch.Tensor) or not Q.dtype.is_floating_point or Q.dim() != 2 \
+            or Q.shape[0] != C.shape[0]:
+        raise ValueError(f"Q must be a floating-point ({C.shape[0]}, k) matrix, got "
+                         f"{getattr(Q, 'shape', type(Q).__name__)}")
+    _check_finite(C, "C")
+    _check_finite(Q, "Q")
     dtype = compute_dtype(C.dtype)
     Cd, Qd = C.detach().to(dtype), Q.detach().to(device=C.device, dtype=dtype)
+    # A non-orthonormal Q gives a number that is no fraction at all (above 1 for a scaled basis): refuse it.
+    off = (Qd.t() @ Qd - torch.eye(Qd.shape[1], dtype=dtype, device=Qd.device)).abs().max().item() if Qd.numel() else 0.0
+    if off > 1e-3:
+        raise ValueError(f"Q must have orthonormal columns (max |QᵀQ − I| = {off:.3g}); for an adapter's A pass "
+                         "lk.nullspace.row_space_basis(A)")
     total = torch.diagonal(Cd).sum()
     if total <= 0:
         raise ValueError("tr(C) must be positive (an empty or all-zero calibration set?)")
@@ -308,11 +433,15 @@ def leak(X: torch.Tensor, A: torch.Tensor) -> float:
         X: (..., in) held-out activations. A: (r, in) the adapter's down-projection (lora_A).
     Returns:
         A float in [0, 1]: about ``r / in`` for a random A, near 0 for a LoRA-Null A on knowledge-like X.
+    Raises:
+        ValueError: shapes, NaN / Inf in X or A, an X without energy.
     """
     if not isinstance(X, torch.Tensor) or not X.dtype.is_floating_point or X.dim() < 1:
         raise ValueError("X must be a floating-point (..., in) tensor")
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[1] != X.shape[-1]:
         raise ValueError(f"A must be (r, {X.shape[-1]}), got {getattr(A, 'shape', type(A).__name__)}")
+    _check_finite(X, "X")
+    _check_finite(A, "A")
     dtype = compute_dtype(X.dtype)
     X2 = X.detach().reshape(-1, X.shape[-1]).to(dtype)
     total = (X2 * X2).sum()

@@ -13,8 +13,10 @@ parameters outside the forward pass, so activation checkpointing and autocast (d
 penalties compute in float32) do not touch it. A gradient clipping that runs before ``step()`` (the Trainer's
 ``max_grad_norm``) clips the task gradient only; the penalty's gradient is added after it.
 
-The two ways never add a penalty twice: a backward pass through :func:`regularization_loss` marks the layers it
-covered, and the next optimiser step's hook skips them (and clears the mark).
+The two ways never add a penalty twice: a backward pass through :func:`regularization_loss` marks the parameters
+it covered, and the next optimiser step that steps a marked parameter gives it no penalty gradient (and clears its
+mark). The mark is per parameter, not per layer: two optimisers that split one layer's parameters each find the
+mark of their own ones.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from ._dtypes import compute_dtype
 from .adapter_layers import configured_layers
 from .methods import REGULARIZERS
 
-_IN_LOSS = "_loranull_penalty_in_loss"  # layer attribute: a backward pass went through its penalty since the last step
+# Layer attribute: {id(parameter)} of the layer's trainable parameters whose gradient a backward pass through its
+# penalty reached since an optimiser step last stepped them.
+_IN_LOSS = "_loranull_penalty_in_loss"
 
 __all__ = ["regularization_loss", "enable_penalty_hooks", "disable_penalty_hooks", "penalty_hooks_enabled",
            "add_penalty_gradients", "penalty_values"]
@@ -59,7 +63,7 @@ def _weighted_terms(model: nn.Module, views: dict | None = None) -> list[tuple[n
 def _mark_in_loss(layer_ref: weakref.ref, grad: torch.Tensor) -> None:
     layer = layer_ref()
     if layer is not None:
-        layer.__dict__[_IN_LOSS] = True
+        layer.__dict__[_IN_LOSS] = {id(p) for p in _trainable(layer)}
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:
@@ -151,8 +155,8 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
     """Add ``∇ Σ weight · penalty`` (the gradient of :func:`regularization_loss`) to the ``.grad`` of ``model``'s
     regularised adapters, once; what the penalty hooks run before each optimiser step.
 
-    Layers marked by a backward pass through :func:`regularization_loss` since the last call are skipped (their
-    penalty already is in the gradient) and unmarked. Gradients are computed with autocast disabled, cast to each
+    Parameters marked by a backward pass through :func:`regularization_loss` since they were last stepped get
+    nothing (their penalty already is in the gradient) and are unmarked. Gradients are computed with autocast disabled, cast to each
     ``.grad``'s dtype, and set where ``.grad`` is None. DTensor (FSDP2) parameters get DTensor gradients with their
     own placements.
 
@@ -167,15 +171,29 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
         The number of layers whose penalty gradient was added.
     """
     chosen = []  # module order: under FSDP2 every rank must all-gather the same tensors in the same order
-    for _, layer, cfg in configured_layers(model):
-        if cfg.effective_regularizer is None or layer.merged or (skip is not None and layer in skip):
+    wanted: set[int] = set()  # the parameters that get the penalty's gradient here
+    for name, layer, cfg in configured_layers(model):
+        # The optimiser's parameters first: an optimiser of another model never reads this one's registry entries.
+        stepped = {id(p) for p in _trainable(layer) if params is None or id(p) in params}
+        if not stepped or layer.merged or (skip is not None and layer in skip):
             continue
-        trainable = [p for p in _trainable(layer) if params is None or id(p) in params]
-        if not trainable:
+        try:
+            regularizer = cfg.effective_regularizer
+        except ValueError as e:  # its method was unregistered while the model still used it
+            raise ValueError(f"penalty hooks: adapter {name!r} was made with method {cfg.method!r}, which is no "
+                             f"longer registered ({e})") from None
+        if regularizer is None:
             continue
-        if layer.__dict__.pop(_IN_LOSS, False):
-            continue
-        chosen.append(layer)
+        in_loss = layer.__dict__.get(_IN_LOSS, set())
+        if in_loss:  # these are stepped now with the penalty already in their gradient: unmark them
+            remaining = in_loss - stepped
+            if remaining:
+                layer.__dict__[_IN_LOSS] = remaining
+            else:
+                del layer.__dict__[_IN_LOSS]
+        if stepped - in_loss:
+            chosen.append(layer)
+            wanted |= stepped - in_loss
     if skip is not None:
         skip.update(chosen)
     if not chosen:
@@ -184,7 +202,7 @@ def add_penalty_gradients(model: nn.Module, params: set[int] | None = None, skip
     with torch.enable_grad(), _no_autocast():
         for layer in chosen:
             views[layer] = _FullView(layer)
-            targets += [(p, leaf) for p, leaf in views[layer].leaves if params is None or id(p) in params]
+            targets += [(p, leaf) for p, leaf in views[layer].leaves if id(p) in wanted]
         terms = _weighted_terms(model, views)
         total = torch.stack([(t * w).to(compute_dtype(t.dtype))
                              for _, t, w, _ in terms]).sum()

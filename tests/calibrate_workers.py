@@ -4,6 +4,27 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+
+class OddBatchesTransformed(nn.Module):
+    """A block stack run as a plain chain except on batches of 3 rows, whose hidden states are halved between the
+    blocks: only the rank that gets such batches sees that block-by-block calibration cannot reproduce it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) * (0.5 if x.shape[0] == 3 else 1.0)
+        return x
+
+
+def odd_batches(rank: int) -> list:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(2 + rank, 6, generator=g) for _ in range(2)]
 
 
 def calibrate_worker(rank: int, world_size: int, port: int, out_dir: str):
@@ -36,6 +57,14 @@ def calibrate_worker(rank: int, world_size: int, port: int, out_dir: str):
                 out["error" + tag] = None
             except Exception as exc:
                 out["error" + tag] = f"{type(exc).__name__}: {exc}"
+        # A model only rank 1 sees is not a chain: every rank falls back to one pass together ("auto").
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["not_a_chain"] = calibrate(OddBatchesTransformed(), odd_batches(rank), progress=False,
+                                           calibration_mode="auto")
+        out["not_a_chain_warned"] = any("calibrating in one pass" in str(w.message) for w in caught)
         # Block by block inside inject: every rank builds the adapters of the global statistics.
         model = inject(tiny_model("llama"), AdapterConfig(method="lora_null", r=4), calibration_data=data[rank::world_size],
                        progress=False, calibration_mode="sequential")

@@ -13,7 +13,7 @@ from loranull_kernels.inject import inject
 from .helpers import assert_close, free_port, spawn_and_join
 from .tiny_models import capture_inputs, tiny_model, token_batches
 
-calibrate_module = importlib.import_module("loranull_kernels.calibrate")  # lk.calibrate is the function
+one_pass_module = importlib.import_module("loranull_kernels.calibrate_one_pass")  # where the accumulators are made
 
 LLAMA_SHARED = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
@@ -69,7 +69,7 @@ def test_matches_float64_reference_with_one_accumulator_per_shared_input(monkeyp
             created.append(self.name)
 
     real_update = covariance_module.covariance_update
-    monkeypatch.setattr(calibrate_module, "CovarianceAccumulator", Counting)
+    monkeypatch.setattr(one_pass_module, "CovarianceAccumulator", Counting)
     monkeypatch.setattr(covariance_module, "covariance_update", lambda *a: updates.append(1) or real_update(*a))
     model = tiny_model("llama")
     data = token_batches(3, seed=1)
@@ -222,6 +222,15 @@ def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
                 assert set(got[key]) == set(everything)
                 for name, C in everything.items():
                     assert_close(got[key][name], C, torch.float32, f"rank {rank} {key} {name}", tol=1e-5)
+    # A stack that is not a chain on one rank's data only: both ranks fell back to one pass, with the global statistic.
+    from .calibrate_workers import OddBatchesTransformed, odd_batches
+
+    one_pass = calibrate(OddBatchesTransformed(), odd_batches(0) + odd_batches(1), progress=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["not_a_chain_warned"]
+        for name, C in one_pass.items():
+            assert_close(got["not_a_chain"][name], C, torch.float32, f"rank {rank} not a chain {name}", tol=1e-5)
     # Block by block inside inject, every rank builds the same adapters, in the null space of the global statistic.
     # (Not compared with a one-process inject: 96 tokens leave these covariances with several eigenvalues at the
     # rounding floor, where which r of them the solver picks is down to rounding.)

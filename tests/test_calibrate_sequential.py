@@ -1,5 +1,9 @@
 """Block-sequential calibration: block-stack discovery, equality with one pass (statistics and adapters) on every
-tiny model, per-block arguments, offload, progress per block, the memory check, clear errors."""
+tiny model, per-block arguments, offload, progress per block, the memory check, clear errors; models whose forward
+is not a plain chain of blocks (refused by "sequential", one pass under "auto"); generators; ignored options."""
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +156,110 @@ def test_train_mode_is_restored_on_adapters_created_block_by_block():
     inject(model, lk.AdapterConfig(method="lora_null", r=4), calibration_data=token_batches(1), progress=False,
            calibration_mode="sequential")
     assert all(m.training for m in model.modules()), "the adapters were created while the model ran in eval mode"
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class NotAChainModel(nn.Module):
+    """A block stack the model does not run as a plain chain: ``how`` says what it does instead."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.how == "reversed":
+            for block in reversed(self.blocks):
+                h = block(h)
+            return h
+        for _ in range(2 if self.how == "looped" else 1):  # looped: a weight-shared stack run twice (ALBERT)
+            for block in self.blocks:
+                if self.how == "transformed":
+                    h = 0.5 * (h + block(h))
+                elif self.how == "in_place":  # changed after the block returned, before the next one runs
+                    h = block(h)
+                    h.mul_(0.5)
+                else:
+                    h = block(h)
+        return h
+
+
+@pytest.mark.parametrize("how", ["transformed", "looped", "reversed", "in_place"])
+def test_a_stack_that_is_not_a_chain_is_calibrated_in_one_pass(how):
+    """Blocks run alone see other inputs than inside such a model: "sequential" refuses it, "auto" (inject's
+    default) warns and calibrates in one pass, so the statistics are the model's."""
+    torch.manual_seed(0)
+    model = NotAChainModel(how)
+    data = [torch.randn(2, 5, 4) for _ in range(3)]
+    targets = ["fc1", "fc2"]
+    one = calibrate(model, data, targets, progress=False)
+    with pytest.warns(UserWarning, match="calibrating in one pass"):
+        auto = calibrate(model, data, targets, progress=False, calibration_mode="auto")
+    assert set(auto) == set(one)
+    for name in one:
+        assert_close(auto[name], one[name], torch.float32, name, tol=1e-6)
+    with pytest.raises(ValueError, match="calibration_mode='sequential' cannot be used"):
+        calibrate(model, data, targets, progress=False, calibration_mode="sequential")
+    cfg = lk.AdapterConfig(method="lora_null", r=2, target_modules=targets)
+    reference = inject(copy.deepcopy(model), cfg, calibration_data=data, progress=False, calibration_mode="one_pass")
+    with pytest.warns(UserWarning, match="calibrating in one pass"):
+        got = inject(copy.deepcopy(model), cfg, calibration_data=data, progress=False)  # inject's "auto"
+    assert adapters(reference).keys() == adapters(got).keys()
+    for name, layer in adapters(reference).items():
+        assert_close(adapters(got)[name].lora_A, layer.lora_A, torch.float32, name, tol=1e-5)
+
+
+def test_a_plain_chain_calibrates_block_by_block_without_a_warning():
+    torch.manual_seed(0)
+    model = NotAChainModel("plain")
+    data = [torch.randn(2, 5, 4) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seq = calibrate(model, data, ["fc1", "fc2"], progress=False, calibration_mode="sequential")
+    one = calibrate(model, data, ["fc1", "fc2"], progress=False)
+    for name in one:
+        assert_close(seq[name], one[name], torch.float32, name, tol=1e-6)
+
+
+def test_a_generator_is_read_once_when_blocks_need_the_data_twice():
+    """BERT all-linear calibrates its pooler (outside the stack) in a pass of its own, then the blocks: a generator
+    used to be empty by then ("calibration data is empty")."""
+    cfg = lk.AdapterConfig(method="lora_null", r=2)
+    data = padded_batches()
+    listed = inject(tiny_model("bert"), cfg, calibration_data=data, progress=False)
+    generated = inject(tiny_model("bert"), cfg, calibration_data=(b for b in data), progress=False)
+    A, B = adapters(listed), adapters(generated)
+    assert set(A) == set(B) and "pooler.dense" in A
+    for name in A:
+        assert_close(B[name].lora_A, A[name].lora_A, torch.float32, name, tol=1e-6)
+
+
+def test_options_that_cannot_apply_are_not_silently_ignored():
+    data = token_batches(1)
+    with pytest.warns(UserWarning, match="offload='cpu' is ignored"):
+        calibrate(tiny_model("llama"), data, progress=False, offload="cpu")  # one pass
+    with pytest.warns(UserWarning, match="offload='cpu' is ignored"):
+        inject(tiny_model("llama"), lk.AdapterConfig(method="lora_null", r=2), calibration_data=data,
+               progress=False, calibration_mode="one_pass", offload="cpu")
+    with pytest.warns(UserWarning, match="calibration_mode, offload, max_batches are ignored: method 'lora'"):
+        inject(tiny_model("llama"), lk.AdapterConfig(r=2), calibration_mode="sequential", offload="cpu",
+               max_batches=3)
+    for bad, match in (({"normalise": True}, r"unknown keyword argument\(s\) \['normalise'\]"),
+                       ({"normalize": True}, "normalize_calibration"),
+                       ({"calibration_data": data[0]}, "single dict"),
+                       ({"calibration_data": data[0]["input_ids"]}, "single Tensor"),
+                       ({"calibration_data": 3}, r"iterable of batches .*got int")):
+        model = tiny_model("llama")
+        with pytest.raises(TypeError, match=match):
+            inject(model, lk.AdapterConfig(method="lora_null", r=2), progress=False, **bad)
+        assert not adapters(model) and all(p.requires_grad for p in model.parameters())

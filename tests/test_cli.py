@@ -61,6 +61,59 @@ def test_bad_arguments_exit_2_with_one_line_before_any_work(name, argv, message,
     assert err.count("\n") == 1 and message in err and err.startswith(f"{name}: error:"), err
 
 
+# Every option that names a path, given a file where a folder goes, a folder under a file, a missing model or a
+# file that is not what the option reads: refused in one line before any work (these ran the whole benchmark,
+# 41 s for loranull-bench --quick, then raised FileExistsError; --model /nonexistent ended in a hub traceback).
+PATH_CASES = [
+    ("loranull-bench", ["--quick", "--out-dir", "{file}"], "--out-dir '{file}': not a folder"),
+    ("loranull-bench", ["--quick", "--out-dir", "{file}/sub"], "not a folder ({file} is a file)"),
+    ("loranull-forgetting", ["--quick", "--out-dir", "{file}"], "--out-dir '{file}': not a folder"),
+    ("loranull-forgetting", ["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such file or folder"),
+    ("loranull-forgetting", ["--model", "{file}"], "a file, but not a .gguf one"),
+    ("loranull-forgetting", ["--model", "no-such-org/no-such-model-xyz"], "the Hugging Face hub (or its local cache)"),
+    ("loranull-forgetting", ["--replot", "{file}"], "not a runs CSV of this benchmark (no rows)"),
+    ("loranull-forgetting", ["--replot", "{csv}"], "not a runs CSV of this benchmark (no column 'family')"),
+    ("loranull-forgetting", ["--replot", "{binary}"], "cannot be read as CSV"),
+    ("loranull-forgetting", ["--replot", "{csv}", "--out-dir", "x"], "--out-dir does nothing with --replot"),
+    ("python -m loranull_kernels", ["--out-dir", "{file}"], "--out-dir '{file}': not a folder"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", PATH_CASES)
+def test_options_naming_paths_are_checked_before_any_work(name, argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id case must not wait for a network
+    files = {"file": tmp_path / "a_file", "csv": tmp_path / "x_runs_cpu.csv", "binary": tmp_path / "b_runs_cpu.csv"}
+    files["file"].write_text("")
+    files["csv"].write_text("method,lr\nlora,0.1\n")
+    files["binary"].write_bytes(b"\xff\xfe\x00\x81")
+    fill = {k: str(v) for k, v in files.items()}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    for module, attr in ((forgetting_report, "run"), (bench, "run_case"), (demo, "run"), (demo, "run_model"),
+                         (main_job.backend, "report")):
+        monkeypatch.setattr(module, attr, no_work)
+    with pytest.raises(SystemExit) as exc:
+        COMMANDS[name]([a.format(**fill) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(**fill) in err and err.startswith(f"{name}: error:"), err
+
+
+def test_a_default_output_folder_that_cannot_be_used_is_named(capsys, monkeypatch, tmp_path):
+    (tmp_path / "results").write_text("")
+    monkeypatch.setenv("LORANULL_RESULTS", str(tmp_path / "results"))
+    with pytest.raises(SystemExit):
+        bench.main(["--quick"])
+    assert "the default --out-dir ($LORANULL_RESULTS)" in capsys.readouterr().err
+    monkeypatch.setenv("LORANULL_RESULTS", str(tmp_path / "fine"))
+    monkeypatch.setenv("LORANULL_CACHE", str(tmp_path / "results" / "cache"))
+    with pytest.raises(SystemExit):
+        forgetting_report.main(["--quick"])
+    assert "the model cache ($LORANULL_CACHE)" in capsys.readouterr().err
+
+
 def test_forgetting_cli_passes_the_pretraining_budget(monkeypatch):
     seen = {}
 

@@ -46,7 +46,11 @@ def test_half_precision_covariance_is_decomposed_in_float32():
         (lambda: nullspace.smallest_eigenvectors(torch.eye(4), 0), "k must be"),
         (lambda: nullspace.eigh_ascending(torch.ones(3, 4)), "square"),
         (lambda: nullspace.eigh_ascending(torch.eye(3), dtype=torch.float16), "dtype"),
-        (lambda: nullspace.eigh_ascending(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "non-finite"),
+        (lambda: nullspace.eigh_ascending(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "^C has NaN or Inf"),
+        (lambda: nullspace.eigh_ascending(torch.stack([torch.eye(2), torch.full((2, 2), float("inf"))])),
+         r"^C\[1\] has NaN or Inf"),
+        (lambda: nullspace.precomputed([(torch.eye(2), torch.eye(2))]), "triples"),
+        (lambda: nullspace.pick_method(600, "8"), "k must be an int"),
         (lambda: nullspace.energy_fraction(torch.eye(4), torch.eye(3)), "Q must be"),
         (lambda: nullspace.energy_fraction(torch.zeros(4, 4), torch.eye(4)[:, :2]), "tr"),
         (lambda: nullspace.leak(torch.randn(5, 4), torch.randn(2, 3)), "A must be"),
@@ -190,3 +194,74 @@ def test_minor_singular_components_of_a_rank_deficient_weight():
     assert S.abs().max() < 1e-10 and torch.isfinite(U).all()
     assert (U.t() @ U - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-8
     assert (W @ Vh.t()).abs().max() < 1e-10
+
+
+def test_randomized_refuses_an_indefinite_matrix_and_auto_falls_back_to_eigh():
+    """One eigenvalue of -0.05: the ridge that lets the Cholesky factor it made the randomized answer wrong (about
+    half the eigenvalue, vectors far from eigh's) without an error."""
+    n, k = 600, 8
+    C, V = known_covariance(n, torch.cat([torch.tensor([-0.05]), torch.logspace(-3, 0, n - 1)]).double())
+    with pytest.raises(nullspace.NotPositiveSemidefiniteError, match=r"C is not positive semi-definite: an eigenvalue"):
+        nullspace.smallest_eigenvectors(C.float(), k, method="randomized")
+    with pytest.raises(ValueError, match=r"C\[1\] is not positive semi-definite"):
+        nullspace.randomized_smallest(torch.stack([C.abs() @ C.abs(), C]).float(), k)
+    values, Q = nullspace.smallest_eigenvectors(C.float(), k)  # auto: n ≥ 512 would be randomized
+    exact = V[:, :k].float()
+    assert values[0].item() == pytest.approx(-0.05, rel=1e-4)
+    assert torch.linalg.svdvals(Q.t() @ exact).min() > 0.999, "the eigh subspace"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(ridge=float("inf")), "ridge must be a finite number > 0, got inf"),
+    (dict(ridge=0.0), "ridge must be a finite number > 0, got 0.0"),
+    (dict(ridge=-1e-6), "ridge must be a finite number > 0"),
+    (dict(ridge=float("nan")), "ridge must be a finite number > 0, got nan"),
+    (dict(seed="abc"), "seed must be None or an int .* got 'abc'"),
+    (dict(seed=2**70), "seed must be None or an int"),
+    (dict(seed=1.5), "seed must be None or an int"),
+    (dict(seed=True), "seed must be None or an int"),
+    (dict(n_iter=0), "n_iter must be an int ≥ 1"),
+    (dict(oversample=-1), "oversample must be an int ≥ 0"),
+    (dict(tol=float("nan")), "tol must be a number ≥ 0"),
+])
+def test_solver_options_are_checked_by_name(kw, message):
+    C, _ = known_covariance(64, torch.logspace(-3, 0, 64).double())
+    with pytest.raises(ValueError, match=message):
+        nullspace.randomized_smallest(C, 4, **kw)
+    if "ridge" not in kw:  # the same checks whichever method runs
+        with pytest.raises(ValueError, match=message):
+            nullspace.smallest_eigenvectors(C, 4, method="eigh", **kw)
+
+
+def test_the_failing_batch_entry_is_named():
+    C, _ = known_covariance(64, torch.logspace(-3, 0, 64).double())
+    with pytest.raises(ValueError, match=r"C\[1\] has tr\(C\) ≤ 0"):
+        nullspace.randomized_smallest(torch.stack([C, torch.zeros(64, 64, dtype=C.dtype), C]), 4)
+    bad = torch.stack([C, C])
+    bad[1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"C\[1\] has NaN or Inf"):
+        nullspace.randomized_smallest(bad, 4)
+
+
+def test_non_finite_inputs_are_named():
+    W = torch.randn(50, 40)
+    W[3, 2] = float("nan")
+    X = torch.randn(7, 40)
+    for call, name in ((lambda: nullspace.minor_singular_components(W, 4), "W"),
+                       (lambda: nullspace.minor_singular_components(W, 4, method="randomized"), "W"),
+                       (lambda: nullspace.row_space_basis(W), "A"),
+                       (lambda: nullspace.leak(X, W), "A"),
+                       (lambda: nullspace.leak(W, torch.randn(3, 40)), "X"),
+                       (lambda: nullspace.energy_fraction(W.t() @ W, torch.eye(40)[:, :3]), "C"),
+                       (lambda: nullspace.energy_fraction(torch.eye(50), W[:, :3]), "Q")):
+        with pytest.raises(ValueError, match=f"^{name} has NaN or Inf entries"):
+            call()
+
+
+def test_energy_fraction_refuses_a_basis_that_is_not_orthonormal():
+    """An adapter's A passed as Q gave a "fraction" far above 1."""
+    C, _ = known_covariance(16, torch.logspace(-2, 0, 16).double())
+    A = torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="orthonormal columns .*row_space_basis"):
+        nullspace.energy_fraction(C, A.t())
+    assert 0 <= nullspace.energy_fraction(C, nullspace.row_space_basis(A)) <= 1

@@ -14,7 +14,7 @@ import torch
 
 import loranull_kernels as lk
 from loranull_kernels.base_weights import base_weight
-from loranull_kernels.quantized_layer import QuantizedLoRALinear
+from loranull_kernels.nn import QuantizedLoRALinear
 
 from .quantized_models import (QUANTS, float_model, is_packed, logits, quantized_model, reference_logits, relative,
                                repack_for_cpu, set_repacking, torchao_model)

@@ -165,10 +165,13 @@ def saved(tmp_path):
     return path
 
 
-def _rewrite_tensors(path, change):
+def _rewrite_tensors(path, change, digests=True):
+    """Change the tensors of a saved adapter; with ``digests``, as a writer would (the JSON's checksums follow)."""
     tensors = st.load_file(str(path / adapters.WEIGHTS_NAME))
     change(tensors)
     st.save_file(tensors, str(path / adapters.WEIGHTS_NAME))
+    if digests:
+        _rewrite_json(path, lambda m: {**m, "sha256": {k: adapters.tensor_digest(t) for k, t in tensors.items()}})
 
 
 def _rewrite_json(path, change):
@@ -290,3 +293,68 @@ def test_rank_above_a_layer_size_is_refused_before_any_layer_is_replaced(tmp_pat
     with pytest.raises(ValueError, match="r=8 exceeds"):
         lk.load_adapter(target, path)
     assert not any(isinstance(m, LoRALinear) for m in target.modules())
+
+
+# ------------------------------------------------------------------------------------------------- checksums
+def _overwrite_bytes(path, key: str, data: bytes, at: int = 0) -> None:
+    """Overwrite bytes of one tensor's data in the safetensors file itself (as a disk or a copy might)."""
+    import struct
+
+    file = path / adapters.WEIGHTS_NAME
+    raw = bytearray(file.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start = 8 + n + json.loads(raw[8:8 + n])[key]["data_offsets"][0] + at
+    raw[start:start + len(data)] = data
+    file.write_bytes(bytes(raw))
+
+
+def test_tensor_bytes_changed_after_saving_are_refused(saved):
+    """16 bytes of a tensor overwritten with other finite values loaded without an error (logits moved by 1.7)."""
+    import struct
+
+    _overwrite_bytes(saved, f"{Q}.lora_B", struct.pack("<4f", 0.5, -0.25, 1.0, 2.0), at=64)
+    _assert_refused_untouched(saved, rf"{adapters.WEIGHTS_NAME}: tensor '{Q}\.lora_B' does not match its SHA-256")
+
+
+def test_checksums_are_written_for_every_tensor_and_old_files_load(saved, tmp_path):
+    meta = json.loads((saved / adapters.CONFIG_NAME).read_text())
+    tensors = st.load_file(str(saved / adapters.WEIGHTS_NAME))
+    assert set(meta["sha256"]) == set(tensors)
+    assert all(meta["sha256"][k] == adapters.tensor_digest(t) for k, t in tensors.items())
+    expected = loaded(saved)
+    _rewrite_json(saved, lambda m: {k: v for k, v in m.items() if k != "sha256"})  # as written before digests
+    assert torch.equal(loaded(saved), expected)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: {**m, "sha256": {**m["sha256"], f"{Q}.lora_A": "0" * 63}}, "'sha256' must map tensor names"),
+    (lambda m: {**m, "sha256": [1]}, "'sha256' must map tensor names"),
+    (lambda m: {**m, "sha256": {k: v for k, v in m["sha256"].items() if k != f"{Q}.lora_A"}},
+     rf"tensor '{Q}\.lora_A' has no checksum"),
+    (lambda m: {**m, "sha256": {**m["sha256"], f"{Q}.rank_scale": "0" * 64}}, rf"'{Q}\.rank_scale' is missing"),
+    (lambda m: {**m, "format_version": 0}, "format_version 0 is not a version"),
+    (lambda m: {**m, "format_version": -3}, "format_version -3 is not a version"),
+])
+def test_checksum_and_version_entries_are_checked(saved, change, match):
+    _rewrite_json(saved, change)
+    _assert_refused_untouched(saved, match)
+
+
+def test_a_load_interrupted_half_way_leaves_the_original_model(saved, monkeypatch):
+    real, calls = adapters._assign, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(adapters, "_assign", interrupted)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        lk.load_adapter(model, saved)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())

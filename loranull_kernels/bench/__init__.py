@@ -2,7 +2,8 @@
 
 - ``lora_linear``: the microbenchmark against vanilla LoRA (``loranull-bench``; ``roofline``: its GPU prediction);
 - ``forgetting_report`` (``loranull-forgetting``) over ``forgetting``, ``pretrain``, ``world``, ``qa`` and
-  ``arithmetic``: the forgetting evaluation;
+  ``arithmetic``: the forgetting evaluation; with ``--model``, ``llm_forgetting_report`` over ``llm_forgetting``
+  and its ``llm_*`` pieces; ``forgetting_table``: the summary, table and plot both reports share;
 - ``harness``: timing, environment, CSV, plots; results go to ``--out-dir`` (default ``$LORANULL_RESULTS`` or
   ``~/.cache/loranull_kernels/results``).
 

@@ -13,105 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import statistics
 from pathlib import Path
 
 from .. import _cli
 from . import harness
 from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run
-
-_MEANS = ("target_accuracy", "retention", "recall_after", "recall_init", "leak_init", "leak_final", "task_leak_init",
-          "final_task_loss", "seconds")
+from .forgetting_table import markdown_table, plot, summarize
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(runs: list[dict], record: dict | None = None) -> list[dict]:
-    """One row per method over its selected runs (every seed at the chosen learning rate): ``<metric>_mean`` and
-    ``<metric>_std`` for target accuracy, retention, ..., plus the pre-trained model's numbers from ``record``."""
-    out = []
-    for name in dict.fromkeys(r["method"] for r in runs):
-        sel = [r for r in runs if r["method"] == name and r.get("selected")]
-        if not sel:
-            continue
-        row = dict(method=name, family=sel[0]["family"], lr=sel[0]["lr"], lalora_lambda=sel[0]["lalora_lambda"],
-                   seeds=len(sel), trainable=sel[0]["trainable"], recall_before=sel[0]["recall_before"])
-        for key in _MEANS:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in sel])
-        if record:
-            row.update(model_parameters=record["parameters"], facts=record["facts"])
-        out.append(row)
-    return out
-
-
-def _pct(mean: float, std: float) -> str:
-    return "–" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def markdown_table(summary: list[dict]) -> str:
-    """The README table: target accuracy, retention, fact recall after, knowledge leak at init / after, task leak at
-    init, learning rate, trainable parameters."""
-    lines = ["| method | lr | target accuracy % | retention % | facts recalled after % | knowledge leak init → after "
-             "| task leak init | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in summary:
-        leak = ("–" if math.isnan(r["leak_init_mean"])
-                else f"{r['leak_init_mean']:.3f} → {r['leak_final_mean']:.3f}")
-        task_leak = r.get("task_leak_init_mean", math.nan)
-        task_leak = "–" if task_leak is None or math.isnan(task_leak) else f"{task_leak:.3f}"
-        lines.append(f"| {r['method']} | {r['lr']:g} | {_pct(r['target_accuracy_mean'], r['target_accuracy_std'])} | "
-                     f"{_pct(r['retention_mean'], r['retention_std'])} | "
-                     f"{_pct(r['recall_after_mean'], r['recall_after_std'])} | {leak} | {task_leak} | {r['trainable']:,} |")
-    return "\n".join(lines)
-
-
-def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
-    """Retention against target accuracy: one point per method (error bars: ± std over seeds), LaLoRA's λ sweep as
-    a curve starting at LoRA (λ = 0), and each method's other learning rates (first seed) as faint points of its
-    colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = plt.get_cmap("tab10")
-    names = [r["method"] for r in summary if r["family"] != "lalora"] + ["lalora"]
-    color = {n: colors(i % 10) for i, n in enumerate(names)}
-    color.update({r["method"]: color["lalora"] for r in summary if r["family"] == "lalora"})
-    for r in runs:
-        if not r.get("selected") and r["method"] in color:
-            ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.35, color=color[r["method"]])
-    markers = {"lora_null v1": "s", "lora_null v2": "D", "full fine-tuning": "*"}
-    markers.update({r["method"]: "X" for r in summary if r["family"] == "l2"})
-    for r in summary:
-        if r["family"] == "lalora":
-            continue
-        ax.errorbar(100 * r["target_accuracy_mean"], 100 * r["retention_mean"], xerr=100 * r["target_accuracy_std"],
-                    yerr=100 * r["retention_std"], fmt=markers.get(r["method"], "o"), ms=8, capsize=3,
-                    color=color[r["method"]], label=f"{r['method']} (lr {r['lr']:g})")
-    lalora = sorted((r for r in summary if r["family"] == "lalora"), key=lambda r: r["lalora_lambda"])
-    lora = [r for r in summary if r["method"] == "lora"]
-    if lalora:
-        curve = lora + lalora
-        ax.errorbar([100 * r["target_accuracy_mean"] for r in curve], [100 * r["retention_mean"] for r in curve],
-                    xerr=[100 * r["target_accuracy_std"] for r in curve], yerr=[100 * r["retention_std"] for r in curve],
-                    fmt="-^", ms=6, capsize=2, color=color["lalora"], label="lalora λ sweep (from lora, λ = 0)")
-        for r in lalora:
-            ax.annotate(f"λ={r['lalora_lambda']:g}", (100 * r["target_accuracy_mean"], 100 * r["retention_mean"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=color["lalora"])
-    ax.set_xlabel("target task accuracy, % (learning) →")
-    ax.set_ylabel("fact recall retained, % of pre-trained (forgetting ↓)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return harness.save_figure(fig, path)
+# What --replot reads of a runs CSV (summarize, plot and the title).
+_RUN_COLUMNS = ("method", "family", "lr", "lalora_lambda", "selected", "trainable", "recall_before", "target_accuracy",
+                "retention", "device")
 
 
 def load_runs(path) -> list[dict]:
@@ -128,6 +40,27 @@ def load_runs(path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _read_for_replot(p: argparse.ArgumentParser, runs_csv: str) -> tuple[list[dict], list[dict], dict]:
+    """The runs, their summary and the model row (from the summary CSV beside it, when there) of ``--replot``; a
+    file that is not a runs CSV of this benchmark is a one-line error naming the option (exit status 2)."""
+    import csv
+
+    try:
+        runs = load_runs(runs_csv)
+        sibling = Path(runs_csv).with_name(Path(runs_csv).name.replace("_runs", ""))
+        rows = load_runs(sibling) if sibling != Path(runs_csv) and sibling.is_file() else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        p.error(f"--replot {runs_csv!r}: cannot be read as CSV ({type(e).__name__}: {e})")
+    missing = [c for c in _RUN_COLUMNS if not runs or c not in runs[0]]
+    if missing:
+        p.error(f"--replot {runs_csv!r}: not a runs CSV of this benchmark ("
+                + ("no rows" if not runs else f"no column {missing[0]!r}") + ")")
+    summary = summarize(runs)
+    if not summary:
+        p.error(f"--replot {runs_csv!r}: no run is marked selected")
+    return runs, summary, rows[0] if rows else {}
 
 
 def _title(device, parameters, facts, recall_before, r, steps, seeds) -> str:
@@ -193,6 +126,18 @@ def main(argv=None) -> dict:
         p.error(f"--replot {args.replot!r}: no such file")
     if args.quantize and args.model is None:
         p.error("--quantize needs --model (the toy benchmark's model is not quantized)")
+    if args.replot:
+        unused = [f"--{name.replace('_', '-')}" for name in ("quick", "out_dir", "methods", "seeds", "device", "workers",
+                                                             "pretrain_steps", "model", "quantize")
+                  if getattr(args, name) != p.get_default(name)]
+        if unused:  # (they were ignored)
+            p.error(f"{unused[0]} does nothing with --replot, which redraws the plot next to the CSV from its runs")
+        why = _cli.unwritable_dir(Path(args.replot).resolve().parent, "--replot")
+    else:
+        harness.check_out_dir(p, args.out_dir)
+        why = _cli.unwritable_dir(harness.cache_dir(), "the model cache ($LORANULL_CACHE)")
+    if why:
+        p.error(why)
     if args.model is not None and not args.replot:
         from . import llm_forgetting_report
 
@@ -213,11 +158,8 @@ def main(argv=None) -> dict:
     except ValueError as exc:
         p.error(str(exc))
     if args.replot:
-        runs = load_runs(args.replot)
-        summary = summarize(runs)
-        sibling = Path(args.replot).with_name(Path(args.replot).name.replace("_runs", ""))
-        model = load_runs(sibling)[0] if sibling.exists() else {}
-        path = sibling.with_suffix(".png")
+        runs, summary, model = _read_for_replot(p, args.replot)
+        path = Path(args.replot).with_name(Path(args.replot).name.replace("_runs", "")).with_suffix(".png")
         plot(summary, runs, path, _title(runs[0]["device"], model.get("model_parameters"), model.get("facts"),
                                          runs[0]["recall_before"], runs[0].get("r"), runs[0].get("steps"),
                                          max(r["seeds"] for r in summary)))

@@ -42,6 +42,17 @@ def default_out_dir() -> Path:
     return Path(os.environ.get("LORANULL_RESULTS", cache_dir() / "results"))
 
 
+def check_out_dir(parser, out_dir) -> None:
+    """``parser.error`` (exit status 2, one line naming the option) unless ``--out-dir`` (or, when it is None, the
+    default output folder) can receive the command's files: checked before any work starts."""
+    from .._cli import unwritable_dir
+
+    why = (unwritable_dir(out_dir, "--out-dir") if out_dir is not None
+           else unwritable_dir(default_out_dir(), "the default --out-dir ($LORANULL_RESULTS)"))
+    if why:
+        parser.error(why)
+
+
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,7 @@ Writes ``forgetting_<model>_runs_<device>.csv`` (every run, the learning-rate sw
 ``forgetting_<model>_<device>.csv`` (one row per method at its selected rate: mean and standard deviation over the
 seeds) and ``forgetting_<model>_<device>.png`` (retention against test accuracy, one point per method with its
 spread), ``forgetting_quick_<model>...`` in quick mode. The table, CSV columns and plot are
-:mod:`.forgetting_report`'s, so the toy and the real-model results read alike.
+:mod:`.forgetting_table`'s, so the toy and the real-model results read alike.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from . import harness, llm_model
-from .forgetting_report import markdown_table, plot, summarize
+from .forgetting_table import markdown_table, plot, summarize
 from .llm_forgetting import FULL, QUICK, LLMBenchmarkConfig, methods, run
 
 
@@ -44,9 +44,10 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
 
 def config_from_args(args) -> LLMBenchmarkConfig:
     """The configuration ``loranull-forgetting --model`` runs: ``--quick`` or the full one, with ``--methods``,
-    ``--seeds`` and ``--quantize`` applied. Raises ValueError for an unknown method name and FileNotFoundError for a missing model file
-    or folder, before any model is loaded."""
-    llm_model.resolve(args.model)
+    ``--seeds`` and ``--quantize`` applied. Raises ValueError for an unknown method name or a ``--quantize`` without
+    bitsandbytes, and FileNotFoundError for a missing model file or folder, or a Hugging Face id neither the hub nor
+    its cache has, before any model is loaded."""
+    llm_model.check_available(llm_model.resolve(args.model))
     cfg = QUICK if args.quick else FULL
     if args.methods is not None:
         cfg = dataclasses.replace(cfg, methods=tuple(args.methods))

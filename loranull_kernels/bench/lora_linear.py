@@ -387,6 +387,7 @@ def main(argv=None) -> list[dict]:
             p.error(f"--{flag} needs --M (it changes the shapes of a custom sweep)")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         p.error(f"--name {args.name!r}: use letters, digits, '_', '-' or '.' (it becomes a file name)")
+    harness.check_out_dir(p, args.out_dir)
 
     if args.base != "dense":
         try:

@@ -14,7 +14,11 @@
   masks, importance EMA, step counter, curvature included) instead of the full model, beside an empty
   ``model.safetensors.index.json`` that lets the Trainer's own resume logic accept the directory (it loads no
   tensor from it); ``resume_from_checkpoint`` then restores the adapter with :func:`loranull_kernels.load_adapter`
-  in ``on_train_begin``, after the Trainer has restored its optimiser, scheduler and RNG state.
+  in ``on_train_begin``, after the Trainer has restored its optimiser, scheduler and RNG state. Each checkpoint's
+  adapter carries an id that is also saved in the checkpoint's ``trainer_state.json`` (the callback's
+  ``ExportableState``), so the adapter restored is the one of the checkpoint the Trainer resumed from, never
+  another run's ``checkpoint-N`` in ``output_dir``; :func:`attach` also checks, before the Trainer loads any
+  optimiser state, that the checkpoint's adapter is the model's kind (method, r, modules, trainable set).
 
 Models without :class:`~loranull_kernels.LoRALinear` layers (a PEFT model patched with
 :func:`loranull_kernels.integrations.peft.patch`) are left to the Trainer: PEFT saves and resumes its own adapter.
@@ -23,27 +27,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import types
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .. import adapter_files as _adapter_files
 from ..adapter_layers import adapter_layers, configured_layers
 from ..regularize import enable_penalty_hooks, penalty_values
 from ..sparsity import after_optimizer_step
 
-__all__ = ["AdapterCallback", "attach", "rose_density"]
+__all__ = ["AdapterCallback", "attach", "check_checkpoint_fits", "rose_density"]
 
 logger = logging.getLogger(__name__)
 
 _PATCHED = "_loranull_save_pretrained"
 INDEX_NAME = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDEX_NAME
+# Kept on the model rather than on the callback: the Trainer may replace the callback by a copy built from its saved
+# state (restore_callback_states_from_checkpoint), and attach's train() knows the model, not that copy.
+_CHECKPOINT_ID = "_loranull_checkpoint_id"  # the id the next adapter checkpoint is written with
+_RESUME_PATH = "_loranull_resume_path"  # the checkpoint trainer.train(resume_from_checkpoint=...) resumes from
+_SAVED_IGNORE = "_loranull_keys_to_ignore_on_save"  # (the model's own value,) while setup's replaces it
+_SCHEDULED = "_loranull_scheduled_step"  # (run, step) the sparsity schedule last ran at: once per step
 
 
 def rose_density(model: nn.Module) -> float | None:
@@ -83,7 +96,8 @@ def _write_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             os.replace(tmp / "adapter" / name, directory / name)
         with open(directory / INDEX_NAME, "w") as f:
             json.dump({"metadata": {"format": _adapter_files.FORMAT, "note": "adapter-only checkpoint: the adapter is in "
-                                    f"{_adapter_files.WEIGHTS_NAME}, loaded by loranull_kernels.load_adapter"},
+                                    f"{_adapter_files.WEIGHTS_NAME}, loaded by loranull_kernels.load_adapter",
+                                    "checkpoint_id": model.__dict__.get(_CHECKPOINT_ID)},
                        "weight_map": {}}, f, indent=2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,7 +113,50 @@ def _is_adapter_checkpoint(path) -> bool:
     return path is not None and (Path(path) / _adapter_files.WEIGHTS_NAME).is_file()
 
 
-class AdapterCallback(TrainerCallback):
+def _checkpoint_id(path) -> str | None:
+    """The id an adapter checkpoint was written with (None: none recorded, e.g. written before ids existed)."""
+    try:
+        with open(Path(path) / INDEX_NAME, encoding="utf-8") as f:
+            meta = json.load(f).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return meta.get("checkpoint_id") if isinstance(meta, dict) else None
+
+
+def _saved_attributes(state) -> dict:
+    """What the checkpoint being resumed recorded about its adapter (this callback's ``ExportableState``)."""
+    saved = (getattr(state, "stateful_callbacks", None) or {}).get("AdapterCallback")
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    attributes = saved.get("attributes") if isinstance(saved, dict) else None
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def check_checkpoint_fits(model: nn.Module, path) -> None:
+    """ValueError naming the checkpoint unless its adapter is the kind ``model`` holds: the same method, r, scaling,
+    trainable set and modules, so that the Trainer's optimiser state (saved per trainable parameter) fits the model.
+    Checked from the adapter's JSON alone, before the Trainer loads anything."""
+    if not _is_adapter_checkpoint(path):
+        return  # the Trainer and on_train_begin report what is missing
+    cfg, modules = _adapter_files.read_adapter_config(path)
+    layers = dict(adapter_layers(model))
+    mine = next(iter(layers.values())).adapter_config
+
+    def kind(c) -> str:
+        return f"method {c.method!r}, r={c.r}, scaling={c.scaling:g}, freeze_A={c.freeze_A}, train_bias={c.train_bias}"
+
+    same = (cfg.method == mine.method and cfg.r == mine.r and math.isclose(cfg.scaling, mine.scaling, rel_tol=1e-12)
+            and cfg.freeze_A == mine.freeze_A and cfg.train_bias == mine.train_bias)
+    if not same or set(modules) != set(layers):
+        where = "" if set(modules) == set(layers) else (
+            f"; modules saved but not adapted here: {sorted(set(modules) - set(layers))[:3]}, adapted here but not "
+            f"saved: {sorted(set(layers) - set(modules))[:3]}")
+        raise ValueError(f"resume_from_checkpoint={str(path)!r}: its adapter ({kind(cfg)}) is not the kind this model "
+                         f"holds ({kind(mine)}){where}, so the checkpoint's optimiser state cannot fit this model; "
+                         "inject the checkpoint's configuration, or start without resuming")
+
+
+class AdapterCallback(TrainerCallback, ExportableState):
     """A ``transformers.TrainerCallback`` for models holding :class:`~loranull_kernels.LoRALinear` adapters.
 
     ``Trainer(model=model, ..., callbacks=[AdapterCallback()])`` (or :func:`attach`). See the module docstring for
@@ -118,16 +175,35 @@ class AdapterCallback(TrainerCallback):
     ``load_best_model_at_end`` is not handled: the Trainer finds no model weights in an adapter-only checkpoint
     (it logs that); load the best checkpoint with :func:`loranull_kernels.load_adapter`.
 
+    Several ``AdapterCallback`` on one Trainer run the schedule once per step (the first one to see the step).
+
     Raises (at ``on_train_begin``):
         FileNotFoundError: a resumed run (``global_step > 0``) whose checkpoint holds no adapter files.
+        ValueError: the adapter found is not the one saved with the checkpoint the Trainer resumed from (another
+            run's ``checkpoint-N``, or ``resume_from`` naming another checkpoint).
     """
 
     def __init__(self, schedule: bool = True, log: bool = True, adapter_only_checkpoints: bool = True,
                  resume_from: str | os.PathLike | None = None):
+        for name, flag in (("schedule", schedule), ("log", log), ("adapter_only_checkpoints", adapter_only_checkpoints)):
+            if not isinstance(flag, bool):  # "no" is truthy: a string here would mean its opposite
+                raise TypeError(f"AdapterCallback: {name} must be a bool, got {flag!r}")
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(f"AdapterCallback: resume_from must be a path or None, got {resume_from!r}")
         self.schedule, self.log, self.adapter_only_checkpoints = schedule, log, adapter_only_checkpoints
         self.resume_from = resume_from
         self._keep_fraction: float | None = None
-        self._saved_ignore = None
+        self._run = uuid.uuid4().hex[:12]
+        # The id and directory of the checkpoint saved last: saved in its trainer_state.json by the Trainer.
+        self.checkpoint_id: str | None = None
+        self.checkpoint_dir: str | None = None
+
+    def state(self) -> dict:
+        """What the Trainer saves of this callback in each checkpoint (``ExportableState``)."""
+        return {"args": {"schedule": self.schedule, "log": self.log,
+                         "adapter_only_checkpoints": self.adapter_only_checkpoints,
+                         "resume_from": None if self.resume_from is None else os.fspath(self.resume_from)},
+                "attributes": {"checkpoint_id": self.checkpoint_id, "checkpoint_dir": self.checkpoint_dir}}
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, model: nn.Module) -> None:
@@ -142,8 +218,8 @@ class AdapterCallback(TrainerCallback):
                 model.__dict__:
             model.save_pretrained = types.MethodType(_save_pretrained, model)
             model.__dict__[_PATCHED] = True
-        if self._saved_ignore is None and hasattr(model, "_keys_to_ignore_on_save"):
-            self._saved_ignore = (model._keys_to_ignore_on_save,)
+        if _SAVED_IGNORE not in model.__dict__ and hasattr(model, "_keys_to_ignore_on_save"):
+            model.__dict__[_SAVED_IGNORE] = (model._keys_to_ignore_on_save,)
             model._keys_to_ignore_on_save = set(model.state_dict().keys())
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -153,21 +229,64 @@ class AdapterCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not _has_adapters(model):
             return
-        if self._saved_ignore is not None:
-            model._keys_to_ignore_on_save = self._saved_ignore[0]
-            self._saved_ignore = None
+        saved = model.__dict__.pop(_SAVED_IGNORE, None)
+        if saved is not None:
+            model._keys_to_ignore_on_save = saved[0]
         enable_penalty_hooks(model)
         if state.global_step > 0:  # resuming
-            path = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if not _is_adapter_checkpoint(path):
-                raise FileNotFoundError(
-                    f"AdapterCallback: resuming at step {state.global_step}, but {path} holds no adapter "
-                    f"({_adapter_files.WEIGHTS_NAME}); pass AdapterCallback(resume_from=<checkpoint directory>)")
+            path = self._checkpoint_to_restore(args, state, model)
             _adapter_files.load_adapter(model, path)
             logger.info("loranull_kernels: adapter restored from %s", path)
 
+    def _checkpoint_to_restore(self, args, state, model) -> str:
+        """The adapter checkpoint of the Trainer's resumed state: the one whose id its trainer_state.json holds,
+        looked for where attach's train() saw it, in ``resume_from``, where it was saved, in
+        ``<output_dir>/checkpoint-<step>``. Without an id (a checkpoint from before ids) the first adapter found."""
+        step = state.global_step
+        saved = _saved_attributes(state)
+        expected = saved.get("checkpoint_id")
+        exact = model.__dict__.get(_RESUME_PATH)
+        default = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if exact is not None:
+            candidates = [exact]
+        elif self.resume_from is not None:
+            candidates = [os.fspath(self.resume_from)]
+        else:
+            candidates = [p for p in (saved.get("checkpoint_dir"), default) if isinstance(p, str)]
+        candidates = list(dict.fromkeys(candidates))
+        found = [p for p in candidates if _is_adapter_checkpoint(p)]
+        for path in found:
+            if expected is None or _checkpoint_id(path) == expected:
+                return path
+        if not found:
+            raise FileNotFoundError(
+                f"AdapterCallback: resuming at step {step}, but {' and '.join(candidates)} hold(s) no adapter "
+                f"({_adapter_files.WEIGHTS_NAME}); pass AdapterCallback(resume_from=<checkpoint directory>)")
+        raise ValueError(
+            f"AdapterCallback: resuming at step {step} from a checkpoint whose adapter has id {expected!r} (saved in "
+            f"{saved.get('checkpoint_dir')}), but {' and '.join(found)} hold(s) another adapter (another run's "
+            "checkpoint?); pass AdapterCallback(resume_from=<the checkpoint directory you resume from>), or use "
+            "attach(trainer), which sees the directory train() resumes from")
+
+    def _stamp(self, args, state, model) -> None:
+        """The id and directory the next checkpoint's adapter is saved under (before the Trainer saves one)."""
+        self.checkpoint_id = f"{self._run}-{state.global_step}"
+        self.checkpoint_dir = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if model is not None:
+            model.__dict__[_CHECKPOINT_ID] = self.checkpoint_id
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._stamp(args, state, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._stamp(args, state, model)
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.schedule and model is not None:
+            step = (id(state), state.global_step)
+            if model.__dict__.get(_SCHEDULED) == step:
+                return  # another AdapterCallback of this Trainer ran this step's schedule already
+            model.__dict__[_SCHEDULED] = step
             if getattr(args, "fp16", False) and not _gradients_finite(model):
                 return  # GradScaler skipped this step (inf/NaN gradients): no importance from them either
             taus = after_optimizer_step(model, state.global_step)  # global_step: the 0-based index of this step
@@ -197,8 +316,55 @@ class AdapterCallback(TrainerCallback):
 def attach(trainer, **kwargs) -> AdapterCallback:
     """Create an :class:`AdapterCallback` (``**kwargs`` are its arguments), set it up on ``trainer.model`` and
     make it the trainer's first callback, so every reporting callback (console, TensorBoard, W&B, ...) receives
-    the values it adds to the logs. Returns the callback."""
-    callback = AdapterCallback(**kwargs)
+    the values it adds to the logs. Returns the callback.
+
+    A trainer that already has an ``AdapterCallback`` keeps that one (moved first): a second would run the
+    schedule twice. ``trainer.train(resume_from_checkpoint=...)`` then checks the checkpoint's adapter against the
+    model before the Trainer loads its optimiser state (:func:`check_checkpoint_fits`), and restores the adapter of
+    that very directory.
+
+    Raises:
+        ValueError: the trainer's ``AdapterCallback`` has other settings than ``**kwargs``.
+    """
+    handler = trainer.callback_handler
+    existing = [cb for cb in handler.callbacks if isinstance(cb, AdapterCallback)]
+    if existing:
+        callback = existing[0]
+        has, wanted = callback.state()["args"], AdapterCallback(**kwargs).state()["args"]
+        differ = [f"{k}={has[k]!r}" for k in kwargs if has[k] != wanted[k]]
+        if differ:
+            raise ValueError(f"attach: the trainer already has an AdapterCallback with other settings "
+                             f"({', '.join(differ)}); configure that one, or remove it before attaching")
+        handler.callbacks.remove(callback)
+    else:
+        callback = AdapterCallback(**kwargs)
     callback.setup(trainer.model)
-    trainer.callback_handler.callbacks.insert(0, callback)
+    handler.callbacks.insert(0, callback)
+    _check_before_resuming(trainer)
     return callback
+
+
+def _check_before_resuming(trainer) -> None:
+    """Wrap ``trainer.train`` (once): the checkpoint to resume from is checked against the model, and recorded for
+    :meth:`AdapterCallback.on_train_begin`, before the Trainer restores anything from it."""
+    if getattr(trainer, "_loranull_train_checked", False):
+        return
+    train = trainer.train
+
+    def checked_train(resume_from_checkpoint=None, *args, **kwargs):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        model, path = trainer.model, resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(trainer.args.output_dir)  # None: the Trainer raises its own error
+        if isinstance(path, (str, os.PathLike)) and _has_adapters(model):
+            check_checkpoint_fits(model, path)
+            model.__dict__[_RESUME_PATH] = os.fspath(path)
+        try:
+            return train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if model is not None:
+                model.__dict__.pop(_RESUME_PATH, None)
+
+    trainer.train = checked_train
+    trainer._loranull_train_checked = True

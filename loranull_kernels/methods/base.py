@@ -10,6 +10,7 @@ initialiser returns one. Regularisers (``penalty(layer, config, name)``) and spa
 (``AdapterConfig.regularizer`` / ``sparsity``). Their state lives in buffers of the layer."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +43,28 @@ class AdapterInit:
 Initializer = Callable[..., AdapterInit]
 
 
+def check_init(method: str, init, weight: torch.Tensor, r: int) -> None:
+    """ValueError naming the method and the tensor unless ``init`` is an :class:`AdapterInit` whose tensors have the
+    shapes the layer needs for a weight ``(out, in)`` and rank r (a wrong one would fail later in a bare copy)."""
+    if not isinstance(init, AdapterInit):
+        raise TypeError(f"method {method!r}: the initialiser returned {type(init).__name__}, not an AdapterInit")
+    out_f, in_f = weight.shape
+    expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "weight": (out_f, in_f), "rank_scale": (r,),
+                "base_A": (r, in_f), "base_B": (out_f, r)}
+    for field, shape in expected.items():
+        t = getattr(init, field)
+        if t is None and field in ("rank_scale", "base_A", "base_B"):
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"method {method!r}: the initialiser's {field} is "
+                            f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}, not a float tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"method {method!r}: the initialiser returned {field} of shape {tuple(t.shape)}, expected "
+                             f"{shape} (r={r}, in={in_f}, out={out_f})")
+    if (init.base_A is None) != (init.base_B is None):
+        raise ValueError(f"method {method!r}: the initialiser returned only one of base_A / base_B")
+
+
 # ------------------------------------------------------------------------------------------ configuration fields
 def is_real(v) -> bool:
     """A finite int or float (not a bool: ``True`` is an int to Python, never a number to a user)."""
@@ -50,6 +73,16 @@ def is_real(v) -> bool:
 
 def is_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, int)
+
+
+def survives_json(v) -> bool:
+    """Whether ``v`` comes back from the adapter file's JSON as itself (a tuple comes back a list, a dict's int keys
+    as strings, a numpy scalar not at all)."""
+    try:
+        back = json.loads(json.dumps(v))
+    except (TypeError, ValueError):
+        return False
+    return type(back) is type(v) and back == v
 
 
 @dataclass(frozen=True)

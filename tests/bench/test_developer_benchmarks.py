@@ -32,3 +32,16 @@ def test_nullspace_benchmark_writes_where_it_is_told(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows) == 4
     leak = {r["method"]: r for r in rows if r["bench"] == "leak"}
     assert leak["eigh"]["leak"] < leak["eigh"]["random_leak"]  # the null space sees less than a random subspace
+
+
+@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace"])
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(name, tmp_path, capsys):
+    """It was found only when the results were written, after the whole benchmark."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--out-dir", str(tmp_path / "f")])
+    assert exc.value.code == 2
+    assert f"--out-dir '{tmp_path / 'f'}': not a folder" in capsys.readouterr().err

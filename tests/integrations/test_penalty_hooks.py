@@ -80,6 +80,43 @@ def test_hooks_give_the_update_of_the_loss_term(name):
     assert_same(sgd_step(adapted(name), batch, penalty_in_loss=True), by_loss)
 
 
+def split_sgd_step(model, batch, penalty_in_loss, b_first=True, lr=0.5):
+    """One step of two SGD optimisers that split every layer's parameters: one holds the lora_B's, the other the
+    lora_A's and rank scales (stepped first with ``b_first=False``). Returns the trainable parameters."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opts = [torch.optim.SGD([p for n, p in params if n.endswith("lora_B")], lr=lr),
+            torch.optim.SGD([p for n, p in params if not n.endswith("lora_B")], lr=lr)]
+    loss = model(**batch).loss
+    if penalty_in_loss:
+        loss = loss + lk.regularization_loss(model)
+    loss.backward()
+    for opt in opts if b_first else opts[::-1]:
+        opt.step()
+    return [p.detach().clone() for _, p in params]
+
+
+@pytest.mark.parametrize("b_first", [True, False])
+def test_both_ways_with_optimisers_that_split_a_layer_count_the_penalty_once(b_first):
+    """The loss term's mark used to be per layer: the first optimiser's hook used it up, and the second one's
+    parameters got the penalty a second time."""
+    def moved(model):  # off the init, where the penalty's gradient w.r.t. B (B = 0) vanishes
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        return model
+
+    batch = labelled(1)[0]
+    by_loss = sgd_step(moved(adapted("kasa", hooks=False)), batch, penalty_in_loss=True)
+    without = sgd_step(moved(adapted("kasa", hooks=False)), batch)
+    b = [i for i, (n, p) in enumerate((n, p) for n, p in adapted("kasa").named_parameters() if p.requires_grad)
+         if n.endswith("lora_B")]
+    assert max_diff([by_loss[i] for i in b], [without[i] for i in b]) > 1e-4, "the penalty must move B too"
+    assert_same(split_sgd_step(moved(adapted("kasa")), batch, penalty_in_loss=True, b_first=b_first), by_loss)
+    assert_same(split_sgd_step(moved(adapted("kasa")), batch, penalty_in_loss=False, b_first=b_first), by_loss)
+
+
 def test_gradient_accumulation_counts_the_penalty_once():
     batch = labelled(1, batch=4)[0]
     whole = sgd_step(adapted("kasa"), batch)

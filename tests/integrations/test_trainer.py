@@ -220,3 +220,88 @@ def test_trainer_resumes_a_patched_peft_model(tmp_path, fused_calls):
     for n in want:
         assert_close(got[n], want[n], torch.float32, n, tol=1e-6)
     assert fused_calls
+
+
+# --------------------------------------------------------------------------------------- resume and attach checks
+def rose_updates(model) -> set[int]:
+    return {int(m.rose_updates) for m in model.modules() if isinstance(m, lk.LoRALinear)}
+
+
+@pytest.mark.parametrize("how", ["attach_after", "two_callbacks"])
+def test_the_schedule_runs_once_per_step_whatever_the_callbacks(tmp_path, how):
+    """attach(trainer) on a Trainer that already had an AdapterCallback ran RoseLoRA's update twice per step."""
+    model = adapted(METHODS["roselora"])
+    callbacks = [AdapterCallback()] + ([AdapterCallback()] if how == "two_callbacks" else [])
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=dataset(),
+                                   callbacks=callbacks)
+    if how == "attach_after":
+        callback = attach(trainer)
+        assert callback is callbacks[0] and trainer.callback_handler.callbacks[0] is callback
+        assert sum(isinstance(c, AdapterCallback) for c in trainer.callback_handler.callbacks) == 1
+        with pytest.raises(ValueError, match="already has an AdapterCallback with other settings .*schedule=True"):
+            attach(trainer, schedule=False)
+    trainer.train()
+    assert rose_updates(model) == {2}
+
+
+def run_saving(out, cfg, seed, data, **kw):
+    model = adapted(cfg, seed=seed)
+    transformers.Trainer(model=model, args=args(out, **kw), train_dataset=data, callbacks=[AdapterCallback()]).train()
+    return model
+
+
+@pytest.mark.parametrize("route", ["callback", "attach", "restored_callback"])
+def test_resume_restores_the_adapter_of_the_checkpoint_resumed_not_another_runs(tmp_path, route):
+    """trainer.train(resume_from_checkpoint=X) while output_dir held another run's checkpoint-N restored that
+    other run's adapter (and X's optimiser and RNG state). "restored_callback": the Trainer replaces the callback
+    by one built from the checkpoint's saved state."""
+    cfg, data = METHODS["kasa"], dataset(8)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    straight = run_saving(tmp_path / "a", cfg, 0, data, **kw)
+    run_saving(tmp_path / "b", cfg, 1, data, learning_rate=5e-2, **kw)  # another run, same step numbers
+    resumed = adapted(cfg, seed=2)
+    own = resumed._keys_to_ignore_on_save  # replaced while the Trainer's resume loader runs, then given back
+    restore = dict(restore_callback_states_from_checkpoint=True) if route == "restored_callback" else {}
+    trainer = transformers.Trainer(model=resumed, args=args(tmp_path / "b", **kw, **restore), train_dataset=data,
+                                   callbacks=[] if route == "attach" else [AdapterCallback()])
+    if route == "attach":
+        attach(trainer)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    want, got = trainable(straight), trainable(resumed)
+    for n in want:
+        assert_close(got[n], want[n], torch.float32, n, tol=1e-6)
+    assert resumed._keys_to_ignore_on_save == own
+
+
+def test_resume_from_naming_another_checkpoint_is_refused(tmp_path):
+    cfg, data = METHODS["kasa"], dataset(8)
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=3)
+    run_saving(tmp_path / "a", cfg, 0, data, **kw)
+    run_saving(tmp_path / "b", cfg, 1, data, **kw)
+    trainer = transformers.Trainer(model=adapted(cfg), args=args(tmp_path / "c", max_steps=6), train_dataset=data,
+                                   callbacks=[AdapterCallback(resume_from=tmp_path / "b" / "checkpoint-3")])
+    with pytest.raises(ValueError, match=r"checkpoint-3 hold\(s\) another adapter"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+
+def test_attach_checks_the_checkpoint_before_the_trainer_loads_its_optimiser(tmp_path):
+    """A kasa checkpoint resumed into a lora model failed in torch's optimiser load ("parameter group ...")."""
+    data = dataset(8)
+    run_saving(tmp_path / "kasa", METHODS["kasa"], 0, data, max_steps=3, save_strategy="steps", save_steps=3)
+    ckpt = tmp_path / "kasa" / "checkpoint-3"
+    model = adapted(dict(method="lora"))
+    before = trainable(model)
+    trainer = transformers.Trainer(model=model, args=args(tmp_path / "lora", max_steps=6), train_dataset=data)
+    attach(trainer)
+    with pytest.raises(ValueError, match=rf"resume_from_checkpoint='{ckpt}': its adapter \(method 'kasa'.*this model "
+                                         r"holds \(method 'lora'"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    after = trainable(model)
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_callback_flags_must_be_bools():
+    """schedule="no" was truthy: the schedule ran."""
+    for kw in (dict(schedule="no"), dict(log=0), dict(adapter_only_checkpoints="false"), dict(resume_from=3)):
+        with pytest.raises(TypeError, match=f"AdapterCallback: {next(iter(kw))} must be"):
+            AdapterCallback(**kw)

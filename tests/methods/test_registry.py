@@ -5,7 +5,7 @@ import torch
 
 import loranull_kernels as lk
 from loranull_kernels import methods
-from loranull_kernels.methods.base import AdapterInit, Method, Regularizer, nonnegative_real, split_singular
+from loranull_kernels.methods.base import AdapterInit, Method, Option, Regularizer, nonnegative_real, split_singular
 
 from ..tiny_models import tiny_model, token_batches
 
@@ -86,3 +86,116 @@ def test_every_built_in_method_is_registered_with_its_fields():
     cfg = lk.AdapterConfig()
     assert set(cfg.to_dict()) >= set(methods.OPTIONS)
     assert all(cfg.options[name] == opt.default for name, opt in methods.OPTIONS.items())
+
+
+# ------------------------------------------------------------------------------- declarations that broke later
+def toy(name="probe", **kw):
+    from loranull_kernels.methods import lora
+
+    return Method(name, lora.initialize, **kw)
+
+
+@pytest.mark.parametrize("field", ["r", "alpha", "method", "options", "scaling", "to_dict", "effective_regularizer"])
+def test_an_option_named_like_a_config_field_is_refused(field):
+    """`r`, `alpha`, `method`, `options` broke every config built afterwards; `scaling` was stored but unreadable."""
+    with pytest.raises(ValueError, match=f"option '{field}' is a name AdapterConfig uses itself"):
+        methods.register(toy(options=(nonnegative_real(field, 1.0),)))
+    assert "probe" not in methods.METHODS and field not in methods.OPTIONS
+    assert lk.AdapterConfig(r=4).r == 4 and lk.AdapterConfig(alpha=3.0).scaling == 3.0 / 8
+
+
+def test_option_defaults_that_break_configs_or_files_are_refused(tmp_path):
+    anything = lambda v: True  # noqa: E731
+    with pytest.raises(ValueError, match=r"default \(1, 2\) that does not come back from JSON"):
+        methods.register(toy(options=(Option("probe_pair", (1, 2), anything, "a pair"),)))
+    with pytest.raises(ValueError, match="default -1.0 its own check refuses"):
+        methods.register(toy(options=(nonnegative_real("probe_weight", -1.0),)))
+    with pytest.raises(ValueError, match="not an identifier"):
+        methods.register(toy(options=(nonnegative_real("probe weight", 1.0),)))
+    assert "probe" not in methods.METHODS
+    methods.register(toy(options=(Option("probe_pair", [1, 2], anything, "a pair"),)))
+    try:  # a value given to a permissive option is held to the same rule
+        with pytest.raises(ValueError, match=r"AdapterConfig.probe_pair=\(3, 4\) does not come back from JSON"):
+            lk.AdapterConfig(method="probe", probe_pair=(3, 4))
+        model = lk.inject(tiny_model("llama"), lk.AdapterConfig(method="probe", r=2, target_modules=["q_proj"],
+                                                                 probe_pair=[3, 4]))
+        lk.save_adapter(model, tmp_path / "probe")
+        assert lk.load_adapter(tiny_model("llama"), tmp_path / "probe") is not None
+    finally:
+        methods.unregister("probe")
+
+
+@pytest.mark.parametrize("name", ["", "  padded ", 3, None])
+def test_empty_or_non_string_method_names_are_refused(name):
+    with pytest.raises(ValueError, match="non-empty string"):
+        methods.register(toy(name))
+    assert name not in methods.METHODS
+
+
+def test_a_piece_named_auto_is_refused():
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        methods.register(toy(regularizer=Regularizer("auto", _penalty)))
+
+
+def test_register_and_unregister_errors_name_what_is_wrong():
+    with pytest.raises(TypeError, match="register needs a Method .*got str 'probe'"):
+        methods.register("probe")
+    with pytest.raises(ValueError, match=r"no method named 'nothing' is registered; registered: \["):
+        methods.unregister("nothing")
+    with pytest.raises(ValueError, match="'kasa' is a built-in method: it cannot be unregistered"):
+        methods.unregister("kasa")
+    assert "kasa" in methods.METHODS and "kasa" in methods.REGULARIZERS
+
+
+def test_unregistering_a_method_a_live_model_uses_breaks_only_that_model(toy_method):
+    """Every optimiser's step() used to raise (the global penalty hook read the registry for every model)."""
+    model = lk.inject(tiny_model("llama"), lk.AdapterConfig(method="toy", r=2, target_modules=["q_proj"]))
+    methods.unregister("toy")
+    try:
+        other = torch.nn.Linear(3, 3)
+        other(torch.ones(1, 3)).sum().backward()
+        torch.optim.SGD(other.parameters(), lr=0.1).step()  # another model's optimiser: unaffected
+        model(**token_batches(1)[0]).logits.sum().backward()
+        with pytest.raises(ValueError, match="was made with method 'toy', which is no longer registered"):
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    finally:
+        methods.register(TOY)  # the fixture unregisters it again
+        lk.regularize.disable_penalty_hooks(model)
+
+
+def test_an_initialiser_that_rewrites_the_base_must_say_so(tmp_path):
+    """Undeclared, the changed weight was saved as the original's fingerprint: the file never loaded back."""
+    methods.register(Method("undeclared", _initialize))
+    try:
+        with pytest.raises(ValueError, match="changed the base weight, but the method does not declare rewrites_base"):
+            lk.inject(tiny_model("llama"), lk.AdapterConfig(method="undeclared", r=2, target_modules=["q_proj"]))
+    finally:
+        methods.unregister("undeclared")
+
+
+def test_an_initialiser_returning_a_wrong_shape_is_named():
+    def transposed(weight, r, scaling, config, covariance=None, generator=None):
+        init = _initialize(weight, r, scaling, config)
+        return AdapterInit(lora_A=init.lora_A.t(), lora_B=init.lora_B, weight=init.weight)
+
+    methods.register(Method("wrong_shape", transposed, rewrites_base=True))
+    try:
+        model = tiny_model("llama")
+        with pytest.raises(ValueError, match=r"method 'wrong_shape': the initialiser returned lora_A of shape "
+                                             r"\(64, 2\), expected \(2, 64\)"):
+            lk.inject(model, lk.AdapterConfig(method="wrong_shape", r=2, target_modules=["q_proj"]))
+        assert not [m for m in model.modules() if isinstance(m, lk.LoRALinear)]
+    finally:
+        methods.unregister("wrong_shape")
+
+
+def test_loading_a_file_of_a_method_that_is_not_registered_names_the_method(toy_method, tmp_path):
+    model = lk.inject(tiny_model("llama"), lk.AdapterConfig(method="toy", r=2, target_modules=["q_proj"]),
+                      penalty_hooks=False)
+    lk.save_adapter(model, tmp_path / "toy")
+    methods.unregister("toy")
+    try:
+        with pytest.raises(ValueError, match="saved with method 'toy', which is not registered here .*register it"):
+            lk.load_adapter(tiny_model("llama"), tmp_path / "toy")
+    finally:
+        methods.register(TOY)
