@@ -1,5 +1,5 @@
 """The forgetting benchmark: the ``loranull-forgetting`` console command, from a checkout (see
-loranull_kernels/bench/forgetting.py and the README's "Forgetting" section).
+loranull_kernels/bench/forgetting.py and the "Forgetting" section of docs/benchmarks.md).
 
     python benchmarks/bench_forgetting.py [--quick] [--workers N] [--methods lora "lora_null v2" ...]
 """

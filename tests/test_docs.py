@@ -2,11 +2,15 @@
 
 The package once cited design notes that lived outside the repository (a sibling ``shared`` folder); a user of the
 package has none of them. These tests keep it that way and check that every ``docs/<page>.md`` (and
-``docs/<page>.md#<section>``) named in the code, the tests, the benchmarks or the README exists, as do the relative
-links between the docs pages.
+``docs/<page>.md#<section>``) named in the code, the tests, the benchmarks, the README or the docs exists, as do the
+relative links of the README and the docs pages (images included), the files and API names the pages mention, and
+the site's navigation and API reference (``mkdocs.yml``, ``docs/api.md``) without MkDocs installed: CI's
+``mkdocs build --strict`` checks the same and the rendering.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 import unicodedata
 from pathlib import Path
@@ -15,8 +19,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-# Where references may appear (docs/ itself is checked separately, by its links).
-SCANNED = ("loranull_kernels", "tests", "benchmarks", "csrc", "README.md", "setup.py", "pyproject.toml")
+# Where references may appear.
+SCANNED = ("loranull_kernels", "tests", "benchmarks", "csrc", "docs", "README.md", "setup.py", "pyproject.toml",
+           "mkdocs.yml", "mkdocs_hooks.py")
+# Where the files the docs name by their bare name (``torch_backend.py``: one in each op's folder) may live.
+SOURCE_DIRS = ("loranull_kernels", "benchmarks", "tests", "csrc")
+# The pages of the site, in its navigation (mkdocs.yml).
+PAGES = ("README.md", "getting-started.md", "using-methods.md", "methods.md", "calibration.md", "qlora.md",
+         "integrations.md", "benchmarks.md", "reliability.md", "design.md", "performance.md", "development.md",
+         "api.md")
 TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".toml", ".cfg", ".ini", ".sh", ".cu", ".cpp", ".h"}
 
 # Spelled in pieces so that this file does not match its own patterns.
@@ -84,8 +95,60 @@ def test_patterns_catch_what_they_should():
 
 
 def test_docs_pages_exist():
-    for page in ("README.md", "design.md", "methods.md", "performance.md"):
+    for page in PAGES:
         assert (DOCS / page).is_file(), f"docs/{page} is missing"
+
+
+def _served() -> dict[str, str]:
+    """The repository files the site serves from outside docs/ (mkdocs_hooks.SERVED), read without MkDocs."""
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "mkdocs_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SERVED
+
+
+def test_site_navigation_lists_every_page():
+    # mkdocs.yml carries a Python tag (the GitHub-style slugs), so its nav entries are read as text.
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = config.split("\nnav:\n", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^\s*- (?:[^:\n]+: )?([\w./-]+\.md)\s*$", nav, re.M)
+    served = {target for target in _served().values() if target.endswith(".md")}
+    pages = {p.name for p in DOCS.glob("*.md")}
+    assert sorted(listed) == sorted(set(listed)), "a page is listed twice in mkdocs.yml's nav"
+    assert set(listed) - pages - served == set(), "mkdocs.yml's nav names pages that do not exist"
+    assert pages - set(listed) == set(), "docs/ pages missing from mkdocs.yml's nav"
+    assert set(PAGES) <= pages
+
+
+def test_served_repository_files_exist():
+    for source in _served():
+        assert (ROOT / source).exists(), f"mkdocs_hooks.SERVED names {source}, which does not exist"
+
+
+def _resolve(dotted: str):
+    """The object a ``::: dotted.path`` of the API reference names: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_api_reference_names_exist():
+    names = re.findall(r"^::: ([\w.]+)\s*$", (DOCS / "api.md").read_text(encoding="utf-8"), re.M)
+    assert len(names) >= 20, "the API reference lost its entries"
+    missing = []
+    for name in names:
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{name}: {exc}")
+    assert not missing, "docs/api.md documents names the package does not have:\n" + "\n".join(missing)
 
 
 def test_no_reference_to_documents_outside_the_repository():
@@ -111,9 +174,9 @@ def test_docs_references_resolve():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
-def test_links_between_docs_pages_resolve(page):
-    source = DOCS / page
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.md"))])
+def test_relative_links_resolve(page):
+    source = ROOT / page
     broken = []
     for target in _MD_LINK.findall(source.read_text(encoding="utf-8")):
         if re.match(r"[a-z]+://", target):
@@ -124,16 +187,22 @@ def test_links_between_docs_pages_resolve(page):
             broken.append(f"{target}: {resolved} does not exist")
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(f"{target}: no section #{anchor} in {resolved.name}")
-    assert not broken, f"docs/{page}: " + "; ".join(broken)
+    assert not broken, f"{page}: " + "; ".join(broken)
+
+
+def _exists(path: str) -> bool:
+    if (ROOT / path).exists() or (ROOT / "loranull_kernels" / path).exists():
+        return True
+    return "/" not in path and any(any((ROOT / d).rglob(path)) for d in SOURCE_DIRS)
 
 
 def test_files_named_in_docs_exist():
-    # The design page names the files that hold each concept: a rename must update it. Paths are relative to the
-    # repository root or to the package.
+    # The pages name the files that hold each concept: a rename must update them. Paths are relative to the
+    # repository root or to the package; a bare file name is found anywhere in the source.
     missing = sorted({f"docs/{page}: {path}"
                       for page, text in _docs_text().items()
                       for path in _SOURCE_PATH.findall(text)
-                      if not (ROOT / path).exists() and not (ROOT / "loranull_kernels" / path).exists()})
+                      if not _exists(path)})
     assert not missing, "files named in docs/ that do not exist:\n" + "\n".join(missing)
 
 

@@ -22,7 +22,7 @@ calibrates on NQ-open questions); LaLoRA estimates its curvature on pre-training
 
 Everything goes through the public API (``lk.inject``, ``lk.calibrate`` via ``inject``, ``lk.estimate_curvature``,
 ``lk.regularization_loss``, ``lk.after_optimizer_step``, ``lk.nullspace.leak``), so the benchmark doubles as the
-package's end-to-end test. Reporting (CSV, plot, README table): :mod:`.forgetting_report`.
+package's end-to-end test. Reporting (CSV, plot, the table of docs/benchmarks.md): :mod:`.forgetting_report`.
 """
 from __future__ import annotations
 

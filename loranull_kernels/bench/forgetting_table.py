@@ -43,8 +43,8 @@ def _pct(mean: float, std: float) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The README table: target accuracy, retention, fact recall after, knowledge leak at init / after, task leak at
-    init, learning rate, trainable parameters."""
+    """The results table of docs/benchmarks.md: target accuracy, retention, fact recall after, knowledge leak at
+    init / after, task leak at init, learning rate, trainable parameters."""
     lines = ["| method | lr | target accuracy % | retention % | facts recalled after % | knowledge leak init → after "
              "| task leak init | trainable |",
              "|---|---|---|---|---|---|---|---|"]

@@ -84,7 +84,7 @@ class LLMBenchmarkConfig:
                               ).hexdigest()[:16]
 
 
-# Full mode: every method, full fine-tuning included, 39 runs (≈ 30 min on 2 CPU cores, measured in README.md).
+# Full mode: every method, full fine-tuning included, 39 runs (≈ 30 min on 2 CPU cores, measured in docs/benchmarks.md).
 # Quick mode: a pipeline check of the three code paths (plain, calibrated, curvature) in about two minutes.
 FULL = LLMBenchmarkConfig()
 QUICK = LLMBenchmarkConfig(steps=12, batch_size=8, seeds=(0,), adapter_lrs=(1e-3,), lalora_lambdas=(1e6,), n_val=10,

@@ -76,7 +76,7 @@ def lora_linear(
         ``F.linear`` does there), so the output is in that dtype and float32 parameters get float32 gradients.
 
     Raises:
-        TypeError / ValueError naming the offending argument for bad types, dtypes, shapes, devices or values.
+        TypeError, ValueError: naming the offending argument, for bad types, dtypes, shapes, devices or values.
     """
     autocast = _autocast_dtype(x)
     if autocast is not None:
