@@ -2,11 +2,11 @@
 
 Submodules are imported lazily so ``import loranull_kernels`` never imports the library being integrated:
 ``lk.integrations.peft`` imports peft on first access, ``lk.integrations.transformers`` (the Trainer callback) the
-Trainer's modules.
+Trainer's modules, ``lk.integrations.litgpt`` litgpt.
 """
 import importlib
 
-__all__ = ["peft", "transformers"]
+__all__ = ["peft", "transformers", "litgpt"]
 
 
 def __getattr__(name):
