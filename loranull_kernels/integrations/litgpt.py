@@ -70,7 +70,8 @@ def qkv_parts(layer: nn.Module) -> list[tuple[int, int, int | None, int]] | None
             parts[-1] = (parts[-1][0], end, None, 0)
         else:
             parts.append((start, end, None, 0))
-    if tuple(layer.lora_A.shape) != (layer.r * j, layer.linear.in_features) or tuple(layer.lora_B.shape) != (b, layer.r):
+    if (tuple(layer.lora_A.shape) != (layer.r * j, layer.linear.in_features)
+            or tuple(layer.lora_B.shape) != (b, layer.r)):
         return None
     return parts
 

@@ -8,10 +8,11 @@ call, because a layer can be merged, disabled or switched to several adapters af
 per reason that it was left to PEFT. A quantized base is read in place (the kinds of
 :mod:`loranull_kernels.base_weights`); a base no kind knows (GPTQ, HQQ, AWQ, ...) always falls back.
 
-Tested with peft 0.18.1, 0.20.0 and 0.22.0 (see ``PEFT_TESTED``; 0.18 is LLaMA-Factory's pin, 0.20 axolotl's; CI runs
-the PEFT tests in one venv per version, ``.ci/integrations.sh``); the layer attributes read here (``lora_A``/``lora_B``/``scaling``/
-``lora_dropout``/``lora_variant``/``lora_diag``/``merged``/``disable_adapters``/``active_adapters``/``base_layer``)
-are PEFT's and may move in other versions, in which case layers fall back rather than compute something else.
+Tested with peft 0.18.1, 0.20.0 and 0.22.0 (see ``PEFT_TESTED``; 0.18 is LLaMA-Factory's pin, 0.20 axolotl's; CI
+runs the PEFT tests in one venv per version, ``.ci/integrations.sh``); the layer attributes read here
+(``lora_A``/``lora_B``/``scaling``/``lora_dropout``/``lora_variant``/``lora_diag``/``merged``/``disable_adapters``/
+``active_adapters``/``base_layer``) are PEFT's and may move in other versions, in which case layers fall back rather
+than compute something else.
 """
 from __future__ import annotations
 

@@ -36,14 +36,18 @@ def dataset():
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def train(model, out_dir: str, world_size: int, deepspeed=None):
-    """STEPS optimizer steps of the HF Trainer on :func:`dataset`, a global batch of 4; returns the losses."""
+def train(model, out_dir: str, world_size: int, deepspeed=None, callback=False):
+    """STEPS optimizer steps of the HF Trainer on :func:`dataset`, a global batch of 4, with
+    ``lk.integrations.transformers.AdapterCallback`` when ``callback``; returns the losses."""
     from transformers import Trainer, TrainingArguments
+
+    from loranull_kernels.integrations.transformers import AdapterCallback
 
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4 // world_size, max_steps=STEPS,
                              learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                              report_to=[], use_cpu=True, deepspeed=deepspeed, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(),
+                      callbacks=[AdapterCallback()] if callback else None)
     trainer.train()
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
@@ -91,6 +95,12 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
                                  "lora_A": hasattr(q.lora_A, "ds_id")}
         result["fused_calls"] = len(calls)
         result["state"] = adapter_state(model, deepspeed.zero.GatheredParameters)
+        # KaSA's penalty needs whole matrices at each step: AdapterCallback refuses it once ZeRO-3 partitioned them
+        kasa = lk.inject(tiny_model("llama"), lk.AdapterConfig(**{**CONFIG, "method": "kasa"}))
+        try:
+            train(kasa, f"{out_dir}/kasa{rank}", world_size, deepspeed=dict(ZERO3), callback=True)
+        except RuntimeError as e:
+            result["kasa_refusal"] = str(e)
         return result
 
     gloo_worker(rank, world_size, port, out_dir, body)

@@ -123,8 +123,8 @@ def _run(tests_dir: Path, files: list[str], patched: bool) -> dict:
         env = {**os.environ, "LORANULL_LITGPT_PATCH": "1" if patched else "0", "LORANULL_OUTCOMES": str(out),
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                               os.environ.get("PYTHONPATH", "")])}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.integrations.litgpt_upstream", "--color=no",
-               "--rootdir", str(tests_dir), *[str(tests_dir / f) for f in files]]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.integrations.litgpt_upstream",
+               "--color=no", "--rootdir", str(tests_dir), *[str(tests_dir / f) for f in files]]
         proc = subprocess.run(cmd, env=env, cwd=tests_dir, capture_output=True, text=True)
         summary = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
         print(f"{'patched' if patched else 'unpatched'}: {summary[0] if summary else proc.stderr[-2000:]}")

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3, gloo, 2 CPU processes, through the HF Trainer: ``lk.inject`` refuses a ZeRO-3-partitioned
 model with the way out, and that way out (inject into the model built without zero.Init, then let the Trainer's
-DeepSpeed engine partition it) trains the adapters through the fused op to the parameters one process reaches."""
+DeepSpeed engine partition it) trains the adapters through the fused op to the parameters one process reaches;
+AdapterCallback refuses a method whose penalty or sparsity schedule needs whole matrices at each step (KaSA)."""
 import pytest
 import torch
 
@@ -28,6 +29,7 @@ def test_zero3_trainer_two_processes_equal_one(tmp_path, monkeypatch):
         assert "partitioned by DeepSpeed ZeRO-3" in got["refusal"] and "TrainingArguments" in got["refusal"]
         # the engine partitioned the adapted model, the base and the adapters alike
         assert got["partitioned"] == {"weight": (0,), "ds": True, "lora_A": True}
+        assert "'kasa'" in got["kasa_refusal"] and "ZeRO-3 partitions them" in got["kasa_refusal"]
         assert got["fused_calls"] >= 3 * 2 * 3, "every adapted layer must run the fused op in every step"
         assert got["losses"] == pytest.approx(losses, rel=1e-4)
         assert got["state"].keys() == expected.keys()

@@ -10,7 +10,8 @@ from torch import nn
 from tests.integrations.conftest import count_calls, require
 
 require("litgpt")
-from litgpt.lora import GPT, Config, LoRALinear, LoRAQKVLinear, mark_only_lora_as_trainable, merge_lora_weights  # noqa: E402,E501
+from litgpt.lora import (GPT, Config, LoRALinear, LoRAQKVLinear, mark_only_lora_as_trainable,  # noqa: E402
+                         merge_lora_weights)
 
 import loranull_kernels as lk  # noqa: E402
 from loranull_kernels.integrations import litgpt as lklit  # noqa: E402
