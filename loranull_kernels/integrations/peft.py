@@ -31,7 +31,7 @@ from ..base_weights import base_weight, conv1d_class
 from ..ops.lora_linear import lora_linear
 from ._instance_forward import is_patched, restore, set_forward
 
-__all__ = ["patch", "unpatch", "is_patched", "unsupported_reason", "PEFT_TESTED"]
+__all__ = ["patch", "patch_required", "unpatch", "is_patched", "unsupported_reason", "PEFT_TESTED"]
 
 PEFT_TESTED = (">=0.18", "<0.23")
 logger = logging.getLogger(__name__)
@@ -143,6 +143,18 @@ def patch(model: nn.Module) -> nn.Module:
                         "loranull_kernels reads", name, type(module).__name__)
     logger.info("loranull_kernels: patched %d PEFT LoRA linear layer(s) (peft %s)", n, _peft.__version__)
     return model
+
+
+def patch_required(model: nn.Module, who: str, remedy: str) -> int:
+    """:func:`patch` for a tool that was asked to run the fused op (a Trainer callback, a plugin): returns the number
+    of layers patched, and raises ``ValueError`` ("``who``: ... ``remedy``") when the model holds none, since the
+    fused op would then never run and the user who asked for it should hear so."""
+    patch(model)
+    n = sum(is_patched(m) for m in model.modules())
+    if n == 0:
+        raise ValueError(f"{who}: the model has no PEFT LoRA linear layer to run on the fused op: {remedy}")
+    logger.info("loranull_kernels: %s: %d PEFT LoRA layer(s) run the fused op", who, n)
+    return n
 
 
 def unpatch(model: nn.Module) -> nn.Module:
