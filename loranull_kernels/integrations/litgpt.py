@@ -18,6 +18,7 @@ one dropout seed per call and passes it to every part, so the parts share the ma
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.metadata import version as _version
 
 import torch
@@ -30,7 +31,7 @@ from .. import backend as _backend
 from ..ops.lora_linear import lora_linear
 from ._instance_forward import is_patched, restore, set_forward
 
-__all__ = ["patch", "unpatch", "is_patched", "unsupported_reason", "LITGPT_TESTED"]
+__all__ = ["patch", "unpatch", "is_patched", "unsupported_reason", "patch_new_layers", "main", "LITGPT_TESTED"]
 
 LITGPT_TESTED = (">=0.5.13", "<0.6")
 logger = logging.getLogger(__name__)
@@ -166,3 +167,38 @@ def patch(model: nn.Module) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore LitGPT's own forward on every layer :func:`patch` changed. Returns ``model``."""
     return restore(model)
+
+
+_ORIGINAL_INITS: dict[type, object] = {}
+
+
+def patch_new_layers() -> None:
+    """Patch every ``LoRALinear`` / ``LoRAQKVLinear`` built from now on, as its constructor returns: for code that
+    builds the model where no :func:`patch` call can reach it (LitGPT's ``finetune_lora`` script, :func:`main`).
+    Idempotent. Layers built before are not patched."""
+    # LoRAQKVLinear.__init__ calls LoRALayer's, not LoRALinear's: both constructors are wrapped
+    for cls in (_lora.LoRALinear, _lora.LoRAQKVLinear):
+        if cls in _ORIGINAL_INITS:
+            continue
+        init = _ORIGINAL_INITS[cls] = cls.__init__
+
+        def __init__(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            patch(self)
+
+        cls.__init__ = __init__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loranull_kernels.integrations.litgpt finetune_lora <checkpoint> [options]``: LitGPT's command
+    line (``litgpt ...``, same arguments) with every LoRA layer it builds patched onto the fused op."""
+    from litgpt.__main__ import main as litgpt_main
+
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    patch_new_layers()
+    litgpt_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -31,8 +31,6 @@ _fused = [0]
 def pytest_configure(config):
     if not _PATCH:
         return
-    from litgpt import lora
-
     from loranull_kernels.integrations import litgpt as lklit
 
     real = lklit.lora_linear
@@ -42,15 +40,7 @@ def pytest_configure(config):
         return real(*a, **k)
 
     lklit.lora_linear = counted
-    # LoRAQKVLinear.__init__ skips LoRALinear.__init__ (it calls LoRALayer's): wrap both
-    for cls in (lora.LoRALinear, lora.LoRAQKVLinear):
-        init = cls.__init__
-
-        def __init__(self, *a, __init=init, **k):
-            __init(self, *a, **k)
-            lklit.patch(self)
-
-        cls.__init__ = __init__
+    lklit.patch_new_layers()
 
 
 def pytest_runtest_logreport(report):

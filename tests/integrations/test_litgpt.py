@@ -249,3 +249,21 @@ def test_training_steps_follow_litgpt(fused_calls):
 
 def test_reachable_from_package():
     assert lk.integrations.litgpt.patch is lklit.patch
+
+
+def test_patch_new_layers_patches_models_built_afterwards(fused_calls, monkeypatch):
+    """What ``python -m loranull_kernels.integrations.litgpt finetune_lora ...`` relies on: LitGPT builds the model
+    itself, every LoRA layer it builds is patched (the constructors are restored after the test)."""
+    for cls in (LoRALinear, LoRAQKVLinear):
+        monkeypatch.setattr(cls, "__init__", cls.__init__)
+    monkeypatch.setattr(lklit, "_ORIGINAL_INITS", {})
+    before = _model()
+    lklit.patch_new_layers()
+    lklit.patch_new_layers()  # idempotent: one wrapper
+    model = _model()
+    assert not any(lklit.is_patched(m) for m in before.modules())
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(lklit.is_patched(m) for m in layers)
+    with torch.no_grad():
+        model(_tokens())
+    assert len(fused_calls) == _op_calls_per_forward(model)

@@ -4,7 +4,9 @@ import logging
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+from tests.integrations.conftest import require
+
+peft = require("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import Linear as PeftLinear  # noqa: E402
 from peft.tuners.lora import config as peft_lora_config  # noqa: E402

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+from tests.integrations.conftest import require
+
+peft = require("peft")
+require("bitsandbytes")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import loranull_kernels as lk  # noqa: E402
