@@ -11,6 +11,7 @@
 #
 # Each venv: torch 2.13.0 (the CPU wheel on this machine's disk), then its frozen list with --no-deps (every version
 # pinned, nothing resolved, no CUDA torchvision / torchaudio pulled in), then this package (--no-deps, editable).
+# Triton (1 GB a venv) only where the tool imports it (axolotl): on the CPU the fused op runs its torch backend.
 # LORANULL_REQUIRE makes a tool's tests fail, never skip, when the tool does not import; each tool's tests count the
 # calls that reach the fused op and fail without them. Each stage prints its time.
 #
@@ -18,7 +19,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-VENVS=${LORANULL_CI_VENVS:-$(mktemp -d -t loranull-ci-venvs-XXXXXX)}
+if [ -n "${LORANULL_CI_VENVS:-}" ]; then
+    VENVS=$LORANULL_CI_VENVS
+else  # ~4 GB of venvs: removed when the stage ends, pass or fail
+    VENVS=$(mktemp -d -t loranull-ci-venvs-XXXXXX)
+    trap 'rm -rf "$VENVS"' EXIT
+fi
 PYTHON=${PYTHON:-python3}
 PEFT_TESTS=(tests/integrations/test_peft.py tests/integrations/test_peft_quantized.py
             tests/test_adapters_io.py::test_export_peft_loads_to_the_same_outputs
@@ -48,7 +54,8 @@ stage_litgpt() {
     make_venv litgpt
     run_tests litgpt litgpt tests/integrations/test_litgpt.py
     local t0=$SECONDS src
-    src=$(mktemp -d)
+    src="$VENVS/litgpt-sdist"
+    rm -rf "$src" && mkdir -p "$src"
     "$VENVS/litgpt/bin/pip" download --quiet --no-deps --no-binary :all: litgpt==0.5.13 -d "$src"
     tar xzf "$src"/litgpt-0.5.13.tar.gz -C "$src"
     "$VENVS/litgpt/bin/python" -m tests.integrations.litgpt_upstream "$src/litgpt-0.5.13/tests"
