@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 if [ -n "${LORANULL_CI_VENVS:-}" ]; then
     VENVS=$LORANULL_CI_VENVS
-else  # ~4 GB of venvs: removed when the stage ends, pass or fail
+else  # ~8 GB of venvs: removed when the stage ends, pass or fail
     VENVS=$(mktemp -d -t loranull-ci-venvs-XXXXXX)
     trap 'rm -rf "$VENVS"' EXIT
 fi
