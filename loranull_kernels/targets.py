@@ -155,9 +155,23 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] = "all-li
 
 
 def check_materialized(targets: Iterable[tuple[str, nn.Module]], what: str) -> None:
-    """Refuse targets whose weight has no data (the ``meta`` device): accelerate's CPU / disk offload
-    (``device_map`` entries ``"cpu"`` / ``"disk"`` beside GPUs, ``cpu_offload``) keeps weights there and loads them
-    only inside the module's forward, but an adapter is built from the weight itself."""
+    """Refuse targets whose weight has no data here: on the ``meta`` device (accelerate's CPU / disk offload:
+    ``device_map`` entries ``"cpu"`` / ``"disk"`` beside GPUs, ``cpu_offload``, keeps weights there and loads them
+    only inside the module's forward), or partitioned by DeepSpeed ZeRO-3 (each rank holds a flat shard, of shape
+    ``(0,)`` outside a gather). An adapter is built from the weight itself."""
+    targets = list(targets)
+    # ZeRO-3 marks every parameter it partitions with ds_id (deepspeed/runtime/zero/partition_parameters.py);
+    # read as an attribute so that deepspeed is never imported here.
+    zero3 = [n for n, m in targets if getattr(getattr(m, "weight", None), "ds_id", None) is not None]
+    if zero3:
+        more = f" (and {len(zero3) - 1} more)" if len(zero3) > 1 else ""
+        raise ValueError(f"{what}: the weight of {zero3[0]!r}{more} is partitioned by DeepSpeed ZeRO-3 (the model "
+                         "was built under deepspeed.zero.Init, e.g. from_pretrained while a ZeRO-3 TrainingArguments "
+                         "or HfDeepSpeedConfig exists); adapters are built from whole weights: load the model "
+                         f"before creating the ZeRO-3 TrainingArguments, run {what} on it, then hand it to the "
+                         "Trainer, whose DeepSpeed engine partitions the adapted model "
+                         "(docs/tools.md#deepspeed-zero-3); or train PEFT's LoRA layers with "
+                         "lk.integrations.peft.patch, which runs under ZeRO-3")
     bases = ((n, base_weight(m)) for n, m in targets)
     offloaded = [n for n, base in bases if base is not None and base.device.type == "meta"]
     if offloaded:

@@ -235,3 +235,21 @@ def test_offloaded_weights_are_refused_naming_the_layer_before_anything_changes(
     with pytest.raises(ValueError, match=r"inject: the weight of 'model\.layers\.0\.self_attn\.q_proj'.*meta device"):
         inject(model, lk.AdapterConfig(target_modules=["q_proj"]))
     assert not any(isinstance(m, lk.LoRALinear) for m in model.modules())
+
+
+def test_zero3_partitioned_weights_are_refused_with_the_way_out(tmp_path):
+    """A weight partitioned by DeepSpeed ZeRO-3 is a (0,) shard marked ``ds_id``: inject and load_adapter refuse it
+    before anything changes, naming the layer and the way out (tests/integrations/test_deepspeed.py runs the real
+    thing in DeepSpeed's venv)."""
+    saved = inject(tiny_model("llama"), lk.AdapterConfig(target_modules=["q_proj"]))
+    lk.save_adapter(saved, tmp_path / "a")
+    model = tiny_model("llama")
+    q = model.model.layers[1].self_attn.q_proj
+    q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    q.weight.ds_id = 7
+    for run, what in ((lambda: inject(model, lk.AdapterConfig(target_modules=["q_proj"])), "inject"),
+                      (lambda: lk.load_adapter(model, tmp_path / "a"), "load_adapter")):
+        with pytest.raises(ValueError, match=rf"{what}: the weight of 'model\.layers\.1\.self_attn\.q_proj' is "
+                                             r"partitioned by DeepSpeed ZeRO-3.*before creating the ZeRO-3"):
+            run()
+        assert not any(isinstance(m, lk.LoRALinear) for m in model.modules())

@@ -8,14 +8,15 @@ call, because a layer can be merged, disabled or switched to several adapters af
 per reason that it was left to PEFT. A quantized base is read in place (the kinds of
 :mod:`loranull_kernels.base_weights`); a base no kind knows (GPTQ, HQQ, AWQ, ...) always falls back.
 
-Tested with peft 0.21.2 and 0.22 (see ``PEFT_TESTED``); the layer attributes read here (``lora_A``/``lora_B``/``scaling``/
-``lora_dropout``/``lora_variant``/``lora_diag``/``merged``/``disable_adapters``/``active_adapters``/``base_layer``)
-are PEFT's and may move in other versions, in which case layers fall back rather than compute something else.
+Tested with peft 0.18.1, 0.20.0 and 0.22.0 (see ``PEFT_TESTED``; 0.18 is LLaMA-Factory's pin, 0.20 axolotl's; CI
+runs the PEFT tests in one venv per version, ``.ci/integrations.sh``); the layer attributes read here
+(``lora_A``/``lora_B``/``scaling``/``lora_dropout``/``lora_variant``/``lora_diag``/``merged``/``disable_adapters``/
+``active_adapters``/``base_layer``) are PEFT's and may move in other versions, in which case layers fall back rather
+than compute something else.
 """
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 from torch import nn
@@ -28,14 +29,13 @@ from peft.tuners.lora import variants as _variants
 from .. import backend as _backend
 from ..base_weights import base_weight, conv1d_class
 from ..ops.lora_linear import lora_linear
+from ._instance_forward import is_patched, restore, set_forward
 
-__all__ = ["patch", "unpatch", "is_patched", "unsupported_reason", "PEFT_TESTED"]
+__all__ = ["patch", "patch_required", "unpatch", "is_patched", "unsupported_reason", "PEFT_TESTED"]
 
-PEFT_TESTED = (">=0.21.2", "<0.23")
+PEFT_TESTED = (">=0.18", "<0.23")
 logger = logging.getLogger(__name__)
 
-_FLAG = "_loranull_patched"
-_LOGGED = "_loranull_logged_reasons"
 _KASA = getattr(_variants, "KasaLinearVariant", None)
 
 
@@ -120,22 +120,6 @@ def _fused(layer: _PeftLinear, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def _log_once(layer: _PeftLinear, reason: str) -> None:
-    seen = layer.__dict__.setdefault(_LOGGED, set())
-    if reason not in seen:
-        seen.add(reason)
-        logger.info("loranull_kernels: PEFT layer %s runs PEFT's own forward: %s",
-                    getattr(layer, "_loranull_name", "?"), reason)
-
-
-def _forward(self: _PeftLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    reason = unsupported_reason(self, x, args, kwargs)
-    if reason is None:
-        return _fused(self, x)
-    _log_once(self, reason)
-    return type(self).forward(self, x, *args, **kwargs)
-
-
 def patch(model: nn.Module) -> nn.Module:
     """Route every PEFT LoRA linear layer in ``model`` through :func:`loranull_kernels.lora_linear`:
     ``peft.tuners.lora.Linear`` (dense or torchao base) and the bitsandbytes QLoRA layers (4-bit, 8-bit).
@@ -151,11 +135,8 @@ def patch(model: nn.Module) -> nn.Module:
     """
     n = 0
     for name, module in model.named_modules():
-        if isinstance(module, _PATCHABLE) and not module.__dict__.get(_FLAG, False):
-            module._loranull_name = name
-            module.forward = types.MethodType(_forward, module)
-            module.__dict__[_FLAG] = True
-            n += 1
+        if isinstance(module, _PATCHABLE):
+            n += set_forward(module, name, unsupported_reason, _fused, logger, "PEFT")
         elif isinstance(module, _LoraLayer) and not isinstance(module, _PATCHABLE):
             # GPTQ, HQQ, Embedding, Conv, ...: other classes, never routed through the op
             logger.info("loranull_kernels: PEFT layer %s runs PEFT's own forward: %s is not a LoRA linear layer "
@@ -164,16 +145,18 @@ def patch(model: nn.Module) -> nn.Module:
     return model
 
 
+def patch_required(model: nn.Module, who: str, remedy: str) -> int:
+    """:func:`patch` for a tool that was asked to run the fused op (a Trainer callback, a plugin): returns the number
+    of layers patched, and raises ``ValueError`` ("``who``: ... ``remedy``") when the model holds none, since the
+    fused op would then never run and the user who asked for it should hear so."""
+    patch(model)
+    n = sum(is_patched(m) for m in model.modules())
+    if n == 0:
+        raise ValueError(f"{who}: the model has no PEFT LoRA linear layer to run on the fused op: {remedy}")
+    logger.info("loranull_kernels: %s: %d PEFT LoRA layer(s) run the fused op", who, n)
+    return n
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore PEFT's own forward on every layer :func:`patch` changed. Returns ``model``."""
-    for module in model.modules():
-        if module.__dict__.pop(_FLAG, False):
-            del module.forward
-            module.__dict__.pop(_LOGGED, None)
-            del module._loranull_name
-    return model
-
-
-def is_patched(module: nn.Module) -> bool:
-    """Whether :func:`patch` replaced this layer's forward."""
-    return bool(module.__dict__.get(_FLAG, False))
+    return restore(model)

@@ -84,6 +84,19 @@ def _gradients_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def _refuse_zero3_step_pieces(model: nn.Module) -> None:
+    """The penalties (KaSA, LaLoRA) and RoseLoRA's schedule read whole adapter matrices and their gradients at each
+    optimizer step. DeepSpeed ZeRO-3 partitions them (``ds_id`` marks its parameters) and its optimizer steps flat
+    partitions the penalty hooks never see: they would be skipped silently. Refused, naming the first layer."""
+    for name, layer, cfg in configured_layers(model):
+        if getattr(layer.lora_A, "ds_id", None) is not None and (cfg.effective_regularizer or cfg.effective_sparsity):
+            pieces = [p for p in (cfg.effective_regularizer, cfg.effective_sparsity) if p]
+            raise RuntimeError(f"loranull_kernels: adapter {name!r} ({cfg.method!r}) has {' and '.join(pieces)}, "
+                               "which need whole adapter matrices at every optimizer step, but DeepSpeed ZeRO-3 partitions "
+                               "them: train this method with ZeRO-1/2, DDP or FSDP2, or use a method without a "
+                               "regulariser or sparsity schedule (lora, lora_null, milora, pissa) under ZeRO-3")
+
+
 def _write_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """:func:`loranull_kernels.save_adapter` into ``directory``, which may hold other files (a Trainer checkpoint):
     written to a temporary directory beside it, then each file renamed into place."""
@@ -232,6 +245,7 @@ class AdapterCallback(TrainerCallback, ExportableState):
         saved = model.__dict__.pop(_SAVED_IGNORE, None)
         if saved is not None:
             model._keys_to_ignore_on_save = saved[0]
+        _refuse_zero3_step_pieces(model)
         enable_penalty_hooks(model)
         if state.global_step > 0:  # resuming
             path = self._checkpoint_to_restore(args, state, model)

@@ -2,13 +2,16 @@
 torchao bases run the fused op with PEFT's outputs and gradients; a base no kind reads is left to PEFT, with one
 log line, and the model keeps working."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+from tests.integrations.conftest import require
+
+peft = require("peft")
+require("bitsandbytes")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import loranull_kernels as lk  # noqa: E402
@@ -72,7 +75,13 @@ def test_bitsandbytes_dropout_runs_fused(fused_calls):
 def test_torchao_base_runs_fused_instead_of_breaking(fused_calls):
     """A torchao-quantized nn.Linear passes ``isinstance(nn.Linear)``: it used to be patched as a dense base and
     fail in the custom op. It now runs on its dequantized weight, with PEFT's results."""
-    model = _peft(torchao_model())
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    base = torchao_model()
+    # What transformers attaches to a model loaded with TorchAoConfig; PEFT < 0.20 requires it for torchao bases.
+    base.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(
+        get_apply_tensor_subclass=Int8WeightOnlyConfig))
+    model = _peft(base)
     _compare(model, fused_calls)
 
 

@@ -305,3 +305,21 @@ def test_callback_flags_must_be_bools():
     for kw in (dict(schedule="no"), dict(log=0), dict(adapter_only_checkpoints="false"), dict(resume_from=3)):
         with pytest.raises(TypeError, match=f"AdapterCallback: {next(iter(kw))} must be"):
             AdapterCallback(**kw)
+
+
+def test_callback_refuses_penalties_on_zero3_partitioned_adapters():
+    """ZeRO-3 steps flat partitions the penalty hooks never see: KaSA's penalty would be skipped silently, so the
+    callback refuses it once the engine partitioned the adapters (marked ``ds_id``); plain LoRA goes on."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(global_step=0)
+    for method, refused in (("kasa", True), ("lora", False)):
+        model = lk.inject(tiny_model("llama"), lk.AdapterConfig(method=method, r=4, target_modules=["q_proj"]))
+        for m in model.modules():
+            if isinstance(m, lk.LoRALinear):
+                m.lora_A.ds_id = 1
+        if refused:
+            with pytest.raises(RuntimeError, match="'kasa'.*DeepSpeed ZeRO-3 partitions them"):
+                AdapterCallback().on_train_begin(None, state, None, model=model)
+        else:
+            AdapterCallback().on_train_begin(None, state, None, model=model)
