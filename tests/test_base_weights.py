@@ -77,6 +77,20 @@ def test_torchao_kind_and_dense_kind_do_not_overlap():
         assert not isinstance(base_weight(m), DenseLinear)
 
 
+def test_a_tensor_subclass_without_its_own_dequantize_is_not_torchao():
+    """Every tensor has a dequantize() (identity on float tensors): a bitsandbytes parameter not quantized yet, or any
+    wrapper subclass that does not define its own, is not read as a self-dequantizing torchao weight."""
+    class Wrapped(torch.Tensor):
+        pass
+
+    m = nn.Linear(8, 4)
+    m.weight = nn.Parameter(m.weight.detach().as_subclass(Wrapped), requires_grad=False)
+    assert not isinstance(base_weight(m), TorchaoLinear)
+    bnb = pytest.importorskip("bitsandbytes")
+    unquantized = bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=True)  # Int8Params holding float weights
+    assert not isinstance(base_weight(unquantized), TorchaoLinear)
+
+
 def test_integer_nn_linear_of_an_unknown_quantizer_is_not_a_base():
     m = nn.Linear(8, 4)
     m.weight = nn.Parameter(torch.zeros(4, 8, dtype=torch.int8), requires_grad=False)

@@ -25,7 +25,9 @@ class TorchaoLinear(BaseWeight):
         if not isinstance(module, nn.Linear):
             return False
         w = module.weight
-        return (type(w) not in (torch.Tensor, nn.Parameter) and callable(getattr(w, "dequantize", None))
+        # A subclass that defines its own dequantize(): every torch.Tensor has one (identity on float tensors), so
+        # merely having it would also claim bitsandbytes parameters not yet quantized, FSDP2's DTensors, ...
+        return (isinstance(w, torch.Tensor) and getattr(type(w), "dequantize", None) is not torch.Tensor.dequantize
                 and tuple(w.shape) == (module.out_features, module.in_features))
 
     @property

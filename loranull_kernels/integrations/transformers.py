@@ -139,8 +139,8 @@ def _checkpoint_id(path) -> str | None:
 def _saved_attributes(state) -> dict:
     """What the checkpoint being resumed recorded about its adapter (this callback's ``ExportableState``)."""
     saved = (getattr(state, "stateful_callbacks", None) or {}).get("AdapterCallback")
-    if isinstance(saved, list):
-        saved = saved[0] if saved else None
+    if isinstance(saved, list):  # several AdapterCallbacks: transformers appends each save's states to the list
+        saved = saved[-1] if saved else None
     attributes = saved.get("attributes") if isinstance(saved, dict) else None
     return attributes if isinstance(attributes, dict) else {}
 
@@ -240,6 +240,12 @@ class AdapterCallback(TrainerCallback, ExportableState):
             self.setup(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if isinstance(callbacks, dict):
+            # Resuming from a trainer_state.json without this callback's entry (written before it was an
+            # ExportableState, or by a run without it): the Trainer's next checkpoint save indexes the entry
+            # without a default and would raise KeyError.
+            callbacks.setdefault(type(self).__name__, self.state())
         if model is None or not _has_adapters(model):
             return
         saved = model.__dict__.pop(_SAVED_IGNORE, None)

@@ -2,7 +2,9 @@
 PEFT model patched with lk.integrations.peft.patch) on a tiny Llama built from a config: the loss goes down, frozen
 weights stay bit-identical, RoseLoRA reaches its density, checkpoints hold only the adapter and resume to the
 parameters of an uninterrupted run, and 4 accumulated micro-batches make the update of one batch."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -244,9 +246,10 @@ def test_the_schedule_runs_once_per_step_whatever_the_callbacks(tmp_path, how):
     assert rose_updates(model) == {2}
 
 
-def run_saving(out, cfg, seed, data, **kw):
+def run_saving(out, cfg, seed, data, resume=None, **kw):
     model = adapted(cfg, seed=seed)
-    transformers.Trainer(model=model, args=args(out, **kw), train_dataset=data, callbacks=[AdapterCallback()]).train()
+    transformers.Trainer(model=model, args=args(out, **kw), train_dataset=data,
+                         callbacks=[AdapterCallback()]).train(resume_from_checkpoint=resume)
     return model
 
 
@@ -271,6 +274,25 @@ def test_resume_restores_the_adapter_of_the_checkpoint_resumed_not_another_runs(
     for n in want:
         assert_close(got[n], want[n], torch.float32, n, tol=1e-6)
     assert resumed._keys_to_ignore_on_save == own
+
+
+def test_resume_from_a_checkpoint_without_the_callbacks_state_saves_again(tmp_path):
+    """A trainer_state.json with no AdapterCallback entry (written before the callback kept state, or by a run without
+    it): the Trainer indexes that entry without a default at its next save, which raised KeyError."""
+    cfg, data = METHODS["kasa"], dataset(8)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    straight = run_saving(tmp_path / "a", cfg, 0, data, **kw)
+    ckpt = tmp_path / "b" / "checkpoint-3"  # resumed where it lies, as a run resumes its own checkpoint
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", ckpt)
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["AdapterCallback"]
+    state_file.write_text(json.dumps(state))
+    resumed = run_saving(tmp_path / "b", cfg, 2, data, resume=str(ckpt), **kw)
+    assert (tmp_path / "b" / "checkpoint-6" / "loranull_adapter.safetensors").exists()
+    want, got = trainable(straight), trainable(resumed)
+    for n in want:
+        assert_close(got[n], want[n], torch.float32, n, tol=1e-6)
 
 
 def test_resume_from_naming_another_checkpoint_is_refused(tmp_path):

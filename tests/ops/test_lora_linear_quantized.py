@@ -222,11 +222,12 @@ def _move(qw: QuantizedWeight, device) -> QuantizedWeight:
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("compress_statistics", [False, True], ids=["plain", "nested"])
-def test_bitsandbytes_4bit_layout(quant_type, compress_statistics):
+@pytest.mark.parametrize("N, K", [(29, 45), (9, 130)], ids=["odd", "even"])
+def test_bitsandbytes_4bit_layout(quant_type, compress_statistics, N, K):
     """Weights quantized by bitsandbytes itself: the format as QuantizedWeight reads it dequantizes to what
-    bitsandbytes' own ``dequantize_4bit`` gives, and both backends run on it (odd N·K: a half-used last byte)."""
+    bitsandbytes' own ``dequantize_4bit`` gives, and both backends run on it (odd N·K: a half-used last byte; even
+    K: bitsandbytes' native CPU dequantization, which an odd last dimension sends to its generic path)."""
     F = pytest.importorskip("bitsandbytes.functional")
-    N, K = 29, 45
     W = torch.randn(N, K) / math.sqrt(K)
     packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=compress_statistics, quant_type=quant_type)
     qw = _from_bnb_4bit(packed, state)
@@ -295,6 +296,11 @@ MISUSE = {
                          r"weight\.absmax must have shape \(29,\)"),
     "int8 data device": ("int8", lambda q: {"data": q.data.to(_OTHER_DEVICE)}, ValueError,
                          rf"weight\.data .*is on {_OTHER_DEVICE}"),
+    "int8 absmax strided": ("int8", lambda q: {"absmax": torch.stack([q.absmax, q.absmax], 1)[:, 0]}, ValueError,
+                            r"weight\.absmax must be contiguous"),
+    "uint8 absmax without its tables": ("nf4-nested", lambda q: {"absmax_code": None, "absmax_scale": None,
+                                                                  "absmax_offset": None},
+                                        TypeError, r"weight\.absmax has dtype torch\.uint8.*absmax_code"),
 }
 
 
@@ -304,6 +310,36 @@ def test_misuse_raises_naming_the_field(case):
     x, _, A, B, _ = make_inputs((4,), 45, 29, 3, torch.float32, {})
     with pytest.raises(error, match=match):
         lk.lora_linear(x, _bad(fmt, change), A, B, 1.0)
+
+
+def _torchao_int8_weight(N, K):
+    quantization = pytest.importorskip("torchao.quantization")
+    layer = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False))
+    quantization.quantize_(layer, quantization.Int8WeightOnlyConfig())
+    return layer[0].weight.detach()
+
+
+def test_raw_torchao_weight_is_refused_with_the_way_out():
+    w = _torchao_int8_weight(29, 45)
+    x, _, A, B, _ = make_inputs((4,), 45, 29, 3, torch.float32, {})
+    with pytest.raises(TypeError, match=r"tensor subclass.*QuantizedWeight\('subclass'"):
+        lk.lora_linear(x, w, A, B, 1.0)
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no-dx"])
+def test_torchao_subclass_matches_its_dequantized_weight(x_grad):
+    """A torchao weight, given as a ``"subclass"`` QuantizedWeight, gives the outputs and gradients of its dequantized
+    matrix taken as a dense base, whether or not dX is needed (without it, W is not dequantized in the backward)."""
+    w = _torchao_int8_weight(29, 45)
+    x, _, A, B, kw = make_inputs((7,), 45, 29, 3, torch.float32, {})
+    outs = []
+    for weight in (QuantizedWeight("subclass", w, (29, 45)), w.dequantize().float()):
+        xi, Ai, Bi = (t.detach().clone().requires_grad_(g) for t, g in ((x, x_grad), (A, True), (B, True)))
+        y = lk.lora_linear(xi, weight, Ai, Bi, 0.5)
+        y.square().sum().backward()
+        outs.append([y, Ai.grad, Bi.grad] + ([xi.grad] if x_grad else []))
+    for name, got, want in zip(["y", "dA", "dB", "dx"], *outs):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

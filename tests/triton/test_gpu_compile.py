@@ -75,7 +75,9 @@ def _check_quantized_launches():
             if base == "nf4-nested":
                 assert args["w_absmax_ptr"].dtype == torch.uint8 and args["w_absmax_code_ptr"].shape == (256,)
                 assert args["w_absmax_offset_ptr"].dim() == 0
-            assert kw["BLOCK_K"] == table.get(f"{key}:quant", table[key])["BLOCK_K"]
+            chosen = table.get(f"{key}:quant", table[key])  # the whole :quant config, not only a shared BLOCK_K
+            assert {k: kw[k] for k in chosen if k in kw} == {k: v for k, v in chosen.items() if k in kw}
+            assert all(k in kw for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         args, kw = launches["int8"][name]
         assert kw["W_FORMAT"] == "int8" and args["w_ptr"].dtype == torch.int8
         assert args["w_absmax_ptr"].dtype == torch.float32 and args["w_absmax_ptr"].shape == (cc.REFERENCE_SHAPE["N"],)

@@ -108,7 +108,10 @@ class LoRALinearFunction(torch.autograd.Function):
         need_dd, need_dbias = need[7] and ctx.has_rank_scale, need[8] and ctx.has_bias
         fmt = ctx.wformat
         if fmt == "subclass":
-            weight, fmt = weight.dequantize().to(dy.dtype), "dense"
+            # Only dX reads W: without it, a storage-free stand-in of W's shape (the whole matrix is not dequantized)
+            n, k = ctx.wmeta[0], ctx.wmeta[1]
+            weight = weight.dequantize().to(dy.dtype) if need_dx else dy.new_zeros(()).expand(n, k)
+            fmt = "dense"
         dx, dA, dB, dd, dbias = backward_op(dy, x, weight, wstate, fmt, ctx.wmeta, lora_A, lora_B, rank_scale, h,
                                             mask_A, mask_B, seed, ctx.scaling, ctx.dropout_p, need_dx, need_dA,
                                             need_dB, need_dd, need_dbias, ctx.backend)

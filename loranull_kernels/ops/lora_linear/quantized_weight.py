@@ -230,6 +230,7 @@ def check(weight: QuantizedWeight, device: torch.device) -> None:
     if weight.format == "int8":
         _expect(weight.data, "data", torch.int8, (N, K))
         _expect(weight.absmax, "absmax", torch.float32, (N,))
+        _expect_unit_stride(weight)  # the kernels index the row scales as absmax + row
         return
     n = N * K
     _expect(weight.data, "data", torch.uint8, None)
@@ -250,6 +251,10 @@ def check(weight: QuantizedWeight, device: torch.device) -> None:
         _expect(weight.absmax_offset, "absmax_offset", torch.float32, ())
     else:
         _expect(weight.absmax, "absmax", torch.float32, (blocks,))
+    _expect_unit_stride(weight)
+
+
+def _expect_unit_stride(weight: QuantizedWeight) -> None:
     for name in ("absmax", "code", "absmax_code", "absmax_scale"):
         t = getattr(weight, name)
         if t is not None and t.stride(0) != 1:
@@ -260,6 +265,8 @@ def _expect(t, name: str, dtype: torch.dtype, shape) -> None:
     if t is None:
         raise ValueError(f"weight.{name} is missing")
     if t.dtype != dtype:
-        raise TypeError(f"weight.{name} has dtype {t.dtype}; expected {dtype}")
+        hint = (" (uint8 block scales are double-quantized: give absmax_code, absmax_scale and absmax_offset too)"
+                if name == "absmax" and t.dtype == torch.uint8 else "")
+        raise TypeError(f"weight.{name} has dtype {t.dtype}; expected {dtype}{hint}")
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"weight.{name} must have shape {shape}, got {tuple(t.shape)}")

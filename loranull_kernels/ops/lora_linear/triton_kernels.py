@@ -73,8 +73,9 @@ def _w_tile(w_ptr, rows, cols, k0, N, K, stride_wn, stride_wk, absmax_ptr, code_
     ``quantized_weight.py``; the strides are not read): element e = n·K + k of the row-major matrix is byte e // 2
     of ``w_ptr`` (uint8), its high nibble for even e, decoded through the 16-entry float32 ``code`` and scaled by
     block e // W_BLOCK's scale (:func:`_block_scale`). "int8": ``data[n, k] · (absmax[n] / 127)``, data strided. Quantized tiles come back in float32, which
-    the caller converts to the dot dtype where it converts a dense tile. Out-of-bounds elements read zero bytes
-    and zero scales: finite values, which meet zeros of the other operand (or are never stored)."""
+    the caller converts to the dot dtype where it converts a dense tile. Out-of-bounds elements come back finite, not
+    zero (a masked byte decodes to ``code[0]``, times a scale that is zero past row N but may be real past column
+    K of a valid row): they meet zeros of the other operand, or are never stored."""
     mask = (cols < K) & (rows < N)
     if W_FORMAT == "4bit":
         # 64-bit arithmetic once per row, 32-bit per element: t counts nibbles from the row's first byte.

@@ -33,6 +33,10 @@ def validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p, rank_scale, ma
     dev, xdt = x.device, x.dtype
     if isinstance(weight, QuantizedWeight):
         check_quantized(weight, dev)
+    elif hasattr(weight, "__tensor_flatten__"):  # a torchao weight reports its logical float dtype: catch it here,
+        # not as a dispatch NotImplementedError from inside the custom op
+        raise TypeError(f"weight is a {type(weight).__name__} tensor subclass (a quantized weight): pass "
+                        f"QuantizedWeight('subclass', weight, {tuple(weight.shape)}) instead")
     else:
         _check_tensor("weight", weight, 2, dev, lambda d: d == xdt, f"x's dtype {xdt}")
     if weight.requires_grad:
