@@ -90,7 +90,7 @@ def _layer_fingerprint(layer: LoRALinear) -> torch.Tensor:
     """The fingerprint of the layer's original W: recomputed for a dense base, the one taken when the layer was
     built for a quantized base (whose re-quantized residual no longer gives W exactly)."""
     saved = getattr(layer, "original_fingerprint", None)
-    return saved if saved is not None else _fingerprint(_original_weight(layer))
+    return (saved if saved is not None else _fingerprint(_original_weight(layer))).to("cpu", torch.float64)
 
 
 def _check_fingerprint(name: str, got: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype,

@@ -327,9 +327,9 @@ class QuantizedLoRALinear(LoRALinear):
         ``‖Q(R) − R‖_F / ‖R‖_F`` of the residual R (both 0 when the base is kept).
 
       W is the dequantized weight as loaded.
-    - :meth:`original_weight` is exact unless the base holds a re-quantized residual or a merge. The non-persistent
-      buffer ``original_fingerprint`` is the fingerprint of W taken when the layer was built; adapter files check
-      against it.
+    - :meth:`original_weight` is exact unless the base holds a re-quantized residual or a merge. The attribute
+      ``original_fingerprint`` (float64, CPU) is the fingerprint of W taken when the layer was built; adapter files
+      check against it.
     - :meth:`merge` / :meth:`unmerge` dequantize, add / subtract the adapter's change and re-quantize (bitsandbytes
       kinds), warning with the relative change the re-quantization caused; refused for torchao bases.
     """
@@ -345,7 +345,9 @@ class QuantizedLoRALinear(LoRALinear):
         self._set_shape(base.in_features, base.out_features, r, alpha, dropout, method, use_rslora)
         self._set_base_layer(base_layer)
         self._add_adapter(base.device, torch.float32, has_rank_scale)
-        self.register_buffer("original_fingerprint", None, persistent=False)
+        # A plain attribute, not a buffer: model.cuda() / .half() must neither move nor round it (it is compared in
+        # float64 on the CPU when an adapter file is saved or loaded).
+        self.original_fingerprint: torch.Tensor | None = None
         self.base_correction = base_correction
         self.init_report = {"weight_change": 0.0, "residual_error": 0.0}
 

@@ -170,8 +170,7 @@ def check_materialized(targets: Iterable[tuple[str, nn.Module]], what: str) -> N
                          "or HfDeepSpeedConfig exists); adapters are built from whole weights: load the model "
                          f"before creating the ZeRO-3 TrainingArguments, run {what} on it, then hand it to the "
                          "Trainer, whose DeepSpeed engine partitions the adapted model "
-                         "(docs/tools.md#deepspeed-zero-3); or train PEFT's LoRA layers with "
-                         "lk.integrations.peft.patch, which runs under ZeRO-3")
+                         "(docs/tools.md#deepspeed-zero-3)")
     bases = ((n, base_weight(m)) for n, m in targets)
     offloaded = [n for n, base in bases if base is not None and base.device.type == "meta"]
     if offloaded:

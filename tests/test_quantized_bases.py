@@ -192,6 +192,18 @@ def test_save_and_load_onto_a_freshly_loaded_quantized_model(tmp_path, quant, re
     assert relative(logits(model, BATCHES[0]), want) <= 1e-6
 
 
+def test_fingerprint_is_not_moved_or_rounded_with_the_model(tmp_path):
+    """model.half() / .cuda() apply to buffers: the fingerprint of W taken at build time must not follow (a float16
+    fingerprint made the file unloadable, a CUDA one broke the save)."""
+    model = quantized_model("nf4")
+    inject(model, config())
+    model._apply(lambda t: t.half() if t.dtype == torch.float64 else t)  # what .half() does to a float64 buffer
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLoRALinear)]
+    assert layers and all(m.original_fingerprint.dtype == torch.float64 for m in layers)
+    lk.save_adapter(model, tmp_path / "a")
+    lk.load_adapter(quantized_model("nf4"), tmp_path / "a")
+
+
 def test_load_refuses_another_quantized_base(tmp_path):
     model = quantized_model("nf4")
     inject(model, config())

@@ -79,6 +79,10 @@ def unsupported_reason(layer: _PeftLinear, x: torch.Tensor, args=(), kwargs=None
     if base_module.weight.requires_grad:
         return "base weight is trainable"
     A, B = layer.lora_A[name], layer.lora_B[name]
+    if any(getattr(w, "ds_id", None) is not None for w in (base_module.weight, A.weight, B.weight)):
+        # ZeRO-3 gathers a module's own parameters when that module is called; the fused path reads the base's
+        # and the adapters' weights without calling them, so it would see their (0,) shards
+        return "DeepSpeed ZeRO-3-partitioned weights (PEFT's forward gathers them)"
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
         return "adapter matrices are not bias-free nn.Linear (lora_bias or a custom init)"
     drop = layer.lora_dropout[name]
@@ -136,6 +140,11 @@ def patch(model: nn.Module) -> nn.Module:
     n = 0
     for name, module in model.named_modules():
         if isinstance(module, _PATCHABLE):
+            base = base_weight(module.get_base_layer())
+            if base is not None:
+                # bitsandbytes' CPU repacking off before any forward, PEFT's own fallback forwards included (an
+                # eval-mode one would repack the weight, which the fused path can only unpack with rounded scales)
+                base.prepare()
             n += set_forward(module, name, unsupported_reason, _fused, logger, "PEFT")
         elif isinstance(module, _LoraLayer) and not isinstance(module, _PATCHABLE):
             # GPTQ, HQQ, Embedding, Conv, ...: other classes, never routed through the op

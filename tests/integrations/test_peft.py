@@ -134,6 +134,16 @@ def test_merged_falls_back(fused_calls, caplog):
     _fallback(model, token_batches(1)[0], fused_calls, caplog, "merged")
 
 
+def test_zero3_partitioned_layers_fall_back(fused_calls, caplog):
+    """ZeRO-3 marks each parameter it partitions with ds_id and gathers it only when its own module is called: the
+    fused path, which reads the weights without calling the base or lora_A / lora_B, must leave such layers to PEFT."""
+    model = _peft_model(r=4, lora_alpha=8)
+    for m in model.modules():
+        if isinstance(m, PeftLinear):
+            m.get_base_layer().weight.ds_id = 1  # all that marks a ZeRO-3 parameter here (gathered or not)
+    _fallback(model, token_batches(1)[0], fused_calls, caplog, "ZeRO-3")
+
+
 def test_two_active_adapters_fall_back(fused_calls, caplog):
     model = _peft_model(r=4, lora_alpha=8)
     model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, init_lora_weights=False))
