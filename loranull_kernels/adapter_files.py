@@ -322,9 +322,11 @@ def _check_saved_shapes(file: Path, name: str, info: dict, cfg: AdapterConfig, t
                              f"in={i}, out={o})")
 
 
-def _empty_layer(module: nn.Module, cfg: AdapterConfig, has_rank_scale: bool) -> LoRALinear:
-    """A LoRALinear on ``module``'s base (a dense one copied, a quantized one kept) and no initialiser run (its
-    adapter tensors come from a file)."""
+def _empty_layer(module: nn.Module, cfg: AdapterConfig, has_rank_scale: bool, share: bool) -> LoRALinear:
+    """A LoRALinear on ``module``'s base and no initialiser run (its adapter tensors come from a file). A quantized
+    base is kept; a dense one is copied, unless ``share`` (the file does not rewrite this base) and it is an
+    ``nn.Linear``: then the layer holds the module's own ``weight`` Parameter, as ``inject`` does, so the module
+    kept for a rollback costs no memory."""
     base = base_weight(module)
     if base.quantized_format is not None:
         layer = QuantizedLoRALinear(module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, method=cfg.method,
@@ -337,8 +339,11 @@ def _empty_layer(module: nn.Module, cfg: AdapterConfig, has_rank_scale: bool) ->
                            bias=base.bias is not None, method=cfg.method, use_rslora=cfg.use_rslora,
                            has_rank_scale=has_rank_scale, device=W.device, dtype=W.dtype)
         with torch.no_grad():
-            layer.weight.copy_(W)
-            if base.bias is not None:
+            if share and isinstance(module, nn.Linear):
+                layer.weight = module.weight
+            else:
+                layer.weight.copy_(W)
+            if base.bias is not None:  # copied (small): a trained bias from the file must not reach the kept module
                 layer.bias.copy_(base.bias)
     layer.lora_A.requires_grad_(not cfg.freeze_A)
     if layer.bias is not None:
@@ -476,12 +481,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"load_adapter: the adapter of {name!r} rewrote its base ({cfg.method!r}), but "
                              f"{refusal}: load it onto a dense or bitsandbytes-quantized copy of the model")
         targets.append((name, module))
-    from .inject import replace_targets
+    from .inject import _transactional, replace_targets
     from .rollback import Rollback
 
-    with Rollback(model) as rollback:  # interrupted half-way (Ctrl-C, out of memory), the model is left as it was
-        replace_targets(model, targets, lambda name, lin: _empty_layer(lin, cfg, has_rank_scale[name]),
-                        rollback=rollback)
+    def rewrites(name: str) -> bool:
+        B0 = tensors.get(f"{name}.lora_B0")
+        return B0 is not None and bool(B0.any())
+
+    def make_layer(name: str, module: nn.Module) -> LoRALinear:
+        return _empty_layer(module, cfg, has_rank_scale[name], share=not rewrites(name))
+
+    # Interrupted half-way (Ctrl-C, out of memory), the model is left as it was; unless keeping the replaced layers
+    # (only those whose base the file rewrites cost memory) would not fit, as for inject(transactional="auto").
+    if not _transactional("auto", targets, cfg, who="load_adapter"):
+        replace_targets(model, targets, make_layer)
+        for name, _ in targets:
+            _assign(model.get_submodule(name), name, tensors)
+        return model
+    with Rollback(model) as rollback:
+        replace_targets(model, targets, make_layer, rollback=rollback)
         for name, _ in targets:
             _assign(model.get_submodule(name), name, tensors)
     return model

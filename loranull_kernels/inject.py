@@ -163,9 +163,10 @@ def rollback_bytes(targets: list[tuple[str, nn.Module]], config: AdapterConfig) 
     return need
 
 
-def _transactional(transactional, targets, config) -> bool:
-    """Resolve ``inject``'s ``transactional``: "auto" keeps the replaced layers for a rollback unless they would take
-    more than half of a device's free memory (then it warns and frees each at once)."""
+def _transactional(transactional, targets, config, who: str = "inject") -> bool:
+    """Resolve ``inject``'s (or ``load_adapter``'s, ``who``) ``transactional``: "auto" keeps the replaced layers for a
+    rollback unless they would take more than half of a device's free memory (then it warns and frees each at
+    once)."""
     if transactional != "auto":
         return transactional
     from .calibration_memory import free_bytes
@@ -173,7 +174,7 @@ def _transactional(transactional, targets, config) -> bool:
     for device, need in rollback_bytes(targets, config).items():
         free = free_bytes(device)
         if free is not None and need > free // 2:
-            warnings.warn(f"inject is not transactional here: keeping the {need / 2**30:.2f} GiB of replaced weights "
+            warnings.warn(f"{who} is not transactional here: keeping the {need / 2**30:.2f} GiB of replaced weights "
                           f"on {device} for a rollback would take more than half of its {free / 2**30:.2f} GiB free; "
                           "a failure part-way will leave the layers before it adapted (pass transactional=True to "
                           "insist, or False to choose this without the warning)", stacklevel=3)

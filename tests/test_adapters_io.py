@@ -86,6 +86,23 @@ def test_bf16_roundtrip_and_trained_bias(tmp_path):
     assert q.bias.requires_grad and q.weight.dtype == torch.bfloat16 and q.lora_A.dtype == torch.float32
 
 
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
+def test_load_shares_a_base_it_keeps_and_copies_one_it_rewrites(tmp_path, variant):
+    """Loading keeps the replaced layers for a rollback until it returns: a base the file leaves as it is must be
+    shared (no second copy of every weight), one it rewrites copied (the kept original stays untouched)."""
+    model, _ = trained("qwen2", variant, train_bias=True)
+    save_adapter(model, tmp_path / "ad")
+    fresh = tiny_model("qwen2")
+    q_before = fresh.model.layers[0].self_attn.q_proj
+    weight, bias = q_before.weight.detach().clone(), q_before.bias.detach().clone()
+    load_adapter(fresh, tmp_path / "ad")
+    q = fresh.model.layers[0].self_attn.q_proj
+    assert (q.weight is q_before.weight) == (variant == "lora")
+    assert q.bias is not q_before.bias  # a trained bias from the file never reaches the replaced module
+    assert torch.equal(q_before.weight, weight) and torch.equal(q_before.bias, bias)
+    assert torch.equal(out(fresh), out(model))
+
+
 def test_adapter_saved_in_float32_loads_onto_the_float64_model(tmp_path):
     model, _ = trained("llama", "lora_null")
     save_adapter(model, tmp_path / "ad")
