@@ -27,6 +27,7 @@ from . import integrations
 __version__ = "0.1.0"
 
 __all__ = ["backend", "lora_linear", "QuantizedWeight", "AdapterConfig", "LoRALinear", "QuantizedLoRALinear",
-           "covariance_update", "rsvd", "CovarianceAccumulator", "nullspace", "inject", "print_trainable_parameters", "calibrate",
+           "covariance_update", "rsvd", "CovarianceAccumulator", "nullspace", "inject", "print_trainable_parameters",
+           "calibrate",
            "save_adapter", "load_adapter", "export_peft", "to_plain_lora", "regularization_loss",
            "after_optimizer_step", "estimate_curvature", "integrations", "__version__"]

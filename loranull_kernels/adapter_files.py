@@ -405,12 +405,12 @@ def _check_quantized_residual(name: str, layer: LoRALinear, tensors: dict) -> No
     if not isinstance(layer, QuantizedLoRALinear) or not layer.base_rewritten:
         return
     A0, B0 = tensors.get(f"{name}.lora_A0"), tensors.get(f"{name}.lora_B0")
-    same = (A0 is not None and torch.equal(layer.lora_A0.cpu(), A0.to(layer.lora_A0.dtype))
+    same = (A0 is not None and layer.lora_A0 is not None and torch.equal(layer.lora_A0.cpu(), A0.to(layer.lora_A0.dtype))
             and torch.equal(layer.lora_B0.cpu(), B0.to(layer.lora_B0.dtype)))
     if not same:
-        raise ValueError(f"load_adapter: {name!r} keeps its base as a re-quantized residual of another adapter, "
-                         "from which the original weight cannot be recovered exactly; load this adapter onto the "
-                         "original quantized model (freshly loaded)")
+        raise ValueError(f"load_adapter: {name!r} keeps its base re-quantized (the residual of another adapter, or a "
+                         "merge, even one undone), from which the original weight cannot be recovered exactly; load "
+                         "this adapter onto the original quantized model (freshly loaded)")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -455,6 +455,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             _check_fingerprint(name, _layer_fingerprint(layer), tensors[f"{name}.base_fingerprint"],
                                layer.base_dtype, info["base_dtype"])
             _check_quantized_residual(name, layer, tensors)
+            B0 = tensors.get(f"{name}.lora_B0")
+            if (isinstance(layer, QuantizedLoRALinear) and B0 is not None and bool(B0.any())
+                    and layer.base_correction != (cfg.quantized_rewrite == "low_rank")):
+                # The two modes give outputs apart by the residual's quantization error: never mix them silently
+                mode = "low_rank" if layer.base_correction else "requantize"
+                raise ValueError(f"load_adapter: {name!r} was built with quantized_rewrite={mode!r}, the file with "
+                                 f"{cfg.quantized_rewrite!r}; load it onto a freshly loaded quantized model, or inject "
+                                 "with the file's quantized_rewrite")
         for name, layer in layers.items():
             _assign(layer, name, tensors)
         return model

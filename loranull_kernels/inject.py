@@ -195,9 +195,11 @@ def inject(model: nn.Module, config: AdapterConfig, calibration_data=None, *, pe
 
     Each adapter is ``LoRALinear.from_base(module, config=config, covariance=C)`` on the layer's own device and
     dtype. Quantized bases (bitsandbytes ``load_in_4bit`` / ``load_in_8bit``, torchao) stay quantized
-    (:class:`~loranull_kernels.nn.QuantizedLoRALinear`; methods that rewrite the base re-quantize the
-    residual with each layer's own settings), and bitsandbytes' CPU repacking of 4-bit weights is switched off on
-    the targets before calibration runs the model (docs/design.md#quantized-bases). Methods that need activation statistics (``config.needs_calibration``, e.g. ``lora_null``) first run
+    (:class:`~loranull_kernels.nn.QuantizedLoRALinear`; for methods that rewrite the base, ``config.quantized_rewrite``
+    chooses: ``"low_rank"``, the default, keeps the loaded weight and carries ``−s·B0A0`` frozen beside the adapter;
+    ``"requantize"`` re-quantizes the residual with each layer's own settings), and bitsandbytes' CPU repacking of
+    4-bit weights is switched off on the targets before calibration runs the model (docs/design.md#quantized-bases).
+    Methods that need activation statistics (``config.needs_calibration``, e.g. ``lora_null``) first run
     :func:`loranull_kernels.calibrate` over ``calibration_data`` with ``normalize=config.normalize_calibration``
     and ``**calibrate_kwargs`` (``progress``, ``max_batches``). With ``config.init_seed`` set, one generator seeded
     with it draws every layer's random init in module order: reproducible, and different from layer to layer.

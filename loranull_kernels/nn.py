@@ -108,8 +108,9 @@ class LoRALinear(nn.Module):
         own ``weight`` (out, in) and ``bias``. A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``,
         a torchao-quantized ``nn.Linear``) stays quantized: the result is a
         :class:`QuantizedLoRALinear` holding the module itself as
-        ``base_layer`` (or, for methods that rewrite the base, a new module of the same kind holding the residual
-        re-quantized with the layer's own settings). The initialiser sees the dequantized weight either way.
+        ``base_layer``; for methods that rewrite the base, ``quantized_rewrite="low_rank"`` (the default) keeps it
+        and carries ``−s·B0A0`` frozen beside the adapter, ``"requantize"`` holds a new module of the same kind with
+        the residual re-quantized with the layer's own settings. The initialiser sees the dequantized weight.
 
         Args:
             module: the base layer, or its :class:`~loranull_kernels.base_weights.BaseWeight`.
@@ -350,6 +351,7 @@ class QuantizedLoRALinear(LoRALinear):
         self.original_fingerprint: torch.Tensor | None = None
         self.base_correction = base_correction
         self.init_report = {"weight_change": 0.0, "residual_error": 0.0}
+        self._requantized = False  # a merge (even undone) re-quantized the base: W is no longer exactly the loaded one
 
     @classmethod
     def around(cls, base: BaseWeight, config, init, rewrites: bool, original: torch.Tensor) -> "QuantizedLoRALinear":
@@ -404,8 +406,10 @@ class QuantizedLoRALinear(LoRALinear):
 
     @property
     def base_rewritten(self) -> bool:
-        """True when the base no longer holds the weight as loaded (a re-quantized residual, or a merge)."""
-        return self.merged or (not self.base_correction and self.lora_B0 is not None and bool(self.lora_B0.any()))
+        """True when the base no longer holds the weight as loaded (a re-quantized residual, or a merge, even one
+        undone: unmerge re-quantizes again)."""
+        return self.merged or self._requantized or (
+            not self.base_correction and self.lora_B0 is not None and bool(self.lora_B0.any()))
 
     # --------------------------------------------------------------------------------------------- computing
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -474,6 +478,7 @@ class QuantizedLoRALinear(LoRALinear):
         change = self.delta_weight(dt) - self._correction(dt)  # what the forward adds to Q(W) while unmerged
         target = self.base.dense().to(dt) + sign * change
         self._set_base_layer(self.base.requantize(target))
+        self._requantized = True
         err = relative_change(self.base.dense().to(dt), target)
         warnings.warn(f"LoRALinear.{what}() on a {self.base.kind} base re-quantized the weight: it differs from the "
                       f"exact {'merged' if sign > 0 else 'unmerged'} weight by {err:.2e} relative (Frobenius)",

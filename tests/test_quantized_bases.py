@@ -204,6 +204,20 @@ def test_fingerprint_is_not_moved_or_rounded_with_the_model(tmp_path):
     lk.load_adapter(quantized_model("nf4"), tmp_path / "a")
 
 
+def test_load_into_layers_of_the_other_rewrite_mode_is_refused(tmp_path):
+    """The two quantized_rewrite modes differ by the residual's rounding (29% of the logits on SmolLM2): an adapter
+    saved under one is not loaded into layers built under the other, and the layers stay as they were."""
+    saved = quantized_model("nf4")
+    inject(saved, config(method="lora_null", quantized_rewrite="requantize"))
+    lk.save_adapter(saved, tmp_path / "a")
+    model = quantized_model("nf4")
+    inject(model, config(method="lora_null", quantized_rewrite="low_rank"))
+    before = {n: t.detach().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+    with pytest.raises(ValueError, match="quantized_rewrite='low_rank', the file with 'requantize'"):
+        lk.load_adapter(model, tmp_path / "a")
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if n in before)
+
+
 def test_load_refuses_another_quantized_base(tmp_path):
     model = quantized_model("nf4")
     inject(model, config())
@@ -255,6 +269,7 @@ def test_merge_requantizes_and_says_by_how_much(quant):
     with pytest.warns(UserWarning, match="re-quantized the weight"):
         layer.unmerge()
     assert not layer.merged
+    assert layer.base_rewritten  # unmerge re-quantized again: the base is no longer exactly the loaded W
 
 
 def test_torchao_base():

@@ -41,13 +41,16 @@ def to_plain_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]
 def export_peft(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's key layout
     ``base_model.model.<module>.lora_{A,B}.weight``) that ``peft.PeftModel.from_pretrained(original_model, path)``
-    loads to the same outputs as ``model``; vLLM and other LoRA consumers read the same files.
+    loads to the same outputs as ``model`` (on a quantized base: as ``model`` with ``quantized_rewrite="low_rank"``;
+    under ``"requantize"`` the original base differs from the re-quantized one ``model`` runs on by that rounding);
+    vLLM and other LoRA consumers read the same files.
 
     The adapter is :func:`to_plain_lora` of every layer, on the ORIGINAL base: rank 2r for base-rewriting methods,
     ``lora_alpha = s · rank`` with ``use_rslora = False`` so PEFT's ``lora_alpha / r`` reproduces ``s`` exactly.
     Trained biases are exported with ``bias = "lora_only"``. Merged layers export the same as unmerged ones (only
     adapter tensors are read). Inference is identical; when training continues in PEFT with dropout > 0, PEFT's
-    dropout also applies to the ``−B0A0`` half, which ours keeps in the (dropout-free) base.
+    dropout also applies to the ``−B0A0`` half, which a dense layer of ours keeps in the (dropout-free) base (a
+    quantized one with ``"low_rank"`` runs it through the fused op, dropout included, as PEFT does).
 
     Raises:
         ValueError: the model has no adapter. FileExistsError: as :func:`~loranull_kernels.save_adapter`.
