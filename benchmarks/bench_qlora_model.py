@@ -99,6 +99,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.child:
+        if "peft" not in args.providers:
+            parser.error("--providers must include peft: every ratio is to PEFT QLoRA's run")
+        harness.check_out_dir(parser, args.out_dir)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.warmup, args.batch, args.seq, args.r, args.model)))
         return []

@@ -34,7 +34,8 @@ def test_nullspace_benchmark_writes_where_it_is_told(tmp_path):
     assert leak["eigh"]["leak"] < leak["eigh"]["random_leak"]  # the null space sees less than a random subspace
 
 
-@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace"])
+@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace",
+                                  "bench_qlora_model"])
 def test_an_out_dir_that_is_a_file_is_refused_before_any_work(name, tmp_path, capsys):
     """It was found only when the results were written, after the whole benchmark."""
     import importlib
@@ -45,3 +46,12 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_work(name, tmp_path, ca
         module.main(["--out-dir", str(tmp_path / "f")])
     assert exc.value.code == 2
     assert f"--out-dir '{tmp_path / 'f'}': not a folder" in capsys.readouterr().err
+
+
+def test_bench_qlora_model_needs_peft_among_its_providers(capsys):
+    """Its ratios are to PEFT QLoRA's run: without it the table failed after every child process had run."""
+    from benchmarks import bench_qlora_model
+
+    with pytest.raises(SystemExit) as exc:
+        bench_qlora_model.main(["--providers", "ours"])
+    assert exc.value.code == 2 and "--providers must include peft" in capsys.readouterr().err
