@@ -16,8 +16,9 @@ ours, never run there. axolotl switches them on by itself for LoRA runs (its con
 ``check_auto_enable_lora_kernels``, which leaves alone any field already set). The plugin therefore sets every one
 left unset to ``false`` before validation (``register``), turns off again any one switched on after that
 (``pre_model_load``, before axolotl applies them), with one log line each time; and refuses a config that sets
-one to ``true`` itself, since the two cannot both run. (``lora_embedding_kernel`` is left alone: the fused op has
-no embedding LoRA.)
+one to ``true`` itself, since the two cannot both run. (``lora_embedding_kernel`` is not set by the plugin, the fused
+op having no embedding LoRA; but since axolotl's validator auto-enables kernels only when none of these fields is
+set, it is no longer switched on by itself either: set it to ``true`` in the config to keep it.)
 
 Tested with axolotl 0.19.0 (peft 0.20.0, transformers 5.16.1); ``AXOLOTL_TESTED``.
 """
