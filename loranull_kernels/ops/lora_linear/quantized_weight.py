@@ -189,14 +189,25 @@ def _bnb_dequantize_4bit():
 def _bnb_codebook(weight: QuantizedWeight) -> bool:
     """Whether ``weight.code`` holds bitsandbytes' own codebook of ``weight.format`` (a 16-value comparison; never
     during CUDA graph capture, where its synchronisation is not allowed: the gather path runs instead)."""
-    if weight.code.is_cuda and torch.cuda.is_current_stream_capturing():
+    code = weight.code
+    # Remembered on the code tensor itself (a layer's quant_state keeps the same one), keyed by format and in-place
+    # version: on CUDA the comparison is a host-device sync, which must not recur in every forward and backward.
+    mark = getattr(code, "_loranull_bnb_codebook", None)
+    if mark is not None and mark[:2] == (weight.format, code._version):
+        return mark[2]
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     key = (weight.format, weight.device)
     if key not in _BNB_CODE:
         from bitsandbytes.functional import get_4bit_type
 
         _BNB_CODE[key] = get_4bit_type(weight.format, device=weight.device).float()
-    return torch.equal(weight.code, _BNB_CODE[key])
+    same = torch.equal(code, _BNB_CODE[key])
+    try:
+        code._loranull_bnb_codebook = (weight.format, code._version, same)
+    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: compare every time
+        pass
+    return same
 
 
 _BNB_CODE: dict = {}
