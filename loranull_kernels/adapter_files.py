@@ -405,7 +405,8 @@ def _check_quantized_residual(name: str, layer: LoRALinear, tensors: dict) -> No
     if not isinstance(layer, QuantizedLoRALinear) or not layer.base_rewritten:
         return
     A0, B0 = tensors.get(f"{name}.lora_A0"), tensors.get(f"{name}.lora_B0")
-    same = (A0 is not None and layer.lora_A0 is not None and torch.equal(layer.lora_A0.cpu(), A0.to(layer.lora_A0.dtype))
+    same = (A0 is not None and layer.lora_A0 is not None
+            and torch.equal(layer.lora_A0.cpu(), A0.to(layer.lora_A0.dtype))
             and torch.equal(layer.lora_B0.cpu(), B0.to(layer.lora_B0.dtype)))
     if not same:
         raise ValueError(f"load_adapter: {name!r} keeps its base re-quantized (the residual of another adapter, or a "
