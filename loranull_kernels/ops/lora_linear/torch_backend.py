@@ -12,8 +12,8 @@ backward  dG = s · dY B                           once, shared by dX and dA
 
 Masks (RoseLoRA) are applied to the r-sized factors here (cheap copies of A and B); the Triton backend avoids
 even those. A quantized base (:class:`.quantized_weight.QuantizedWeight`) is dequantized into a fresh dense matrix in
-``forward`` just before the Y GEMM (after H, so the two never peak together) and again in ``backward`` (only when dX is needed), and freed when the call returns: the
-autograd saves the quantized tensors, never the dense copy.
+``forward`` just before the Y GEMM (after H is computed) and again in ``backward`` (only when dX is needed), and
+freed when the call returns: the autograd saves the quantized tensors, never the dense copy.
 """
 from typing import Optional
 
