@@ -399,6 +399,13 @@ def _assign(layer: LoRALinear, name: str, tensors: dict[str, torch.Tensor]) -> N
     layer.lora_A0, layer.lora_B0 = A0.clone(), B0.clone()
 
 
+def _rewrites_base(tensors: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether the file's adapter of ``name`` rewrote its base: a non-zero ``lora_B0`` (LoRA-Null's basis init
+    saves a zero one)."""
+    B0 = tensors.get(f"{name}.lora_B0")
+    return B0 is not None and bool(B0.any())
+
+
 def _check_quantized_residual(name: str, layer: LoRALinear, tensors: dict) -> None:
     """A quantized layer whose base holds a re-quantized residual no longer knows its original W exactly, so it
     cannot take another ``B0A0``: refuse that before anything changes."""
@@ -456,8 +463,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             _check_fingerprint(name, _layer_fingerprint(layer), tensors[f"{name}.base_fingerprint"],
                                layer.base_dtype, info["base_dtype"])
             _check_quantized_residual(name, layer, tensors)
-            B0 = tensors.get(f"{name}.lora_B0")
-            if (isinstance(layer, QuantizedLoRALinear) and B0 is not None and bool(B0.any())
+            if (isinstance(layer, QuantizedLoRALinear) and _rewrites_base(tensors, name)
                     and layer.base_correction != (cfg.quantized_rewrite == "low_rank")):
                 # The two modes give outputs apart by the residual's quantization error: never mix them silently
                 mode = "low_rank" if layer.base_correction else "requantize"
@@ -486,19 +492,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _check_fingerprint(name, _fingerprint(W.to(compute_dtype(W.dtype))), tensors[f"{name}.base_fingerprint"],
                            W.dtype, info["base_dtype"])
         refusal = base_weight(module).requantize_refusal() if cfg.quantized_rewrite == "requantize" else None
-        if refusal and f"{name}.lora_B0" in tensors and bool(tensors[f"{name}.lora_B0"].any()):
+        if refusal and _rewrites_base(tensors, name):
             raise ValueError(f"load_adapter: the adapter of {name!r} rewrote its base ({cfg.method!r}), but "
                              f"{refusal}: load it onto a dense or bitsandbytes-quantized copy of the model")
         targets.append((name, module))
     from .inject import _transactional, replace_targets
     from .rollback import Rollback
 
-    def rewrites(name: str) -> bool:
-        B0 = tensors.get(f"{name}.lora_B0")
-        return B0 is not None and bool(B0.any())
-
     def make_layer(name: str, module: nn.Module) -> LoRALinear:
-        return _empty_layer(module, cfg, has_rank_scale[name], share=not rewrites(name))
+        return _empty_layer(module, cfg, has_rank_scale[name], share=not _rewrites_base(tensors, name))
 
     # Interrupted half-way (Ctrl-C, out of memory), the model is left as it was; unless keeping the replaced layers
     # (only those whose base the file rewrites cost memory) would not fit, as for inject(transactional="auto").

@@ -72,6 +72,22 @@ def test_bitsandbytes_dropout_runs_fused(fused_calls):
     assert len(fused_calls) == 14
 
 
+def test_patch_switches_the_cpu_repacking_off_before_any_forward(fused_calls):
+    """PEFT's own fallback forwards (adapters disabled, merged, several active) run bitsandbytes' eval forward, which
+    would repack the 4-bit weights on AVX512-BF16 CPUs: patch switches that off on every base, and the weights keep
+    the layout they were loaded in through such a forward, on any CPU."""
+    from tests.quantized_models import is_packed
+
+    model = _peft(quantized_model("nf4-nested", repacking=True))
+    lkpeft.patch(model)
+    bases = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(bases) == 14 and not any(m.support_avx512bf16_for_cpu for m in bases)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():  # PEFT's own forward, eval mode, no grad
+        model(**BATCH)
+    assert not is_packed(model) and not fused_calls
+
+
 def test_torchao_base_runs_fused_instead_of_breaking(fused_calls):
     """A torchao-quantized nn.Linear passes ``isinstance(nn.Linear)``: it used to be patched as a dense base and
     fail in the custom op. It now runs on its dequantized weight, with PEFT's results."""

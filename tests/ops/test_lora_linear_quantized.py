@@ -20,7 +20,7 @@ from loranull_kernels.ops.lora_linear import QuantizedWeight
 
 from ..conftest import DEVICE
 from ..helpers import assert_close, f64
-from .test_lora_linear import FEATURES, make_inputs
+from .test_lora_linear import FEATURES, check_empty_batch, make_inputs
 from .test_lora_linear import run_and_compare as dense_run_and_compare
 
 BACKENDS = ["torch", "triton"]
@@ -159,12 +159,7 @@ def test_int8_data_strided(backend, layout):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    x, qw, A, B, kw = _inputs("nf4-nested", ((0,), 45, 29, 5), torch.float32, FEATURES["all"])
-    with lk.backend.use(backend):
-        y = lk.lora_linear(x, qw, A, B, seed=3, **kw)
-    assert y.shape == (0, 29)
-    y.sum().backward()
-    assert x.grad.shape == x.shape and torch.all(A.grad == 0) and torch.all(B.grad == 0)
+    check_empty_batch(backend, *_inputs("nf4-nested", ((0,), 45, 29, 5), torch.float32, FEATURES["all"]))
 
 
 @pytest.mark.parametrize("fmt", ["nf4-nested", "int8"])

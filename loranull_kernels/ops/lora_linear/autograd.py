@@ -5,8 +5,8 @@ backend's name as their last argument and run that backend's ``forward`` / ``bac
 Their signatures and docstrings below are the contract: every backend module defines ``forward``, ``backward`` and
 ``keep_mask`` with exactly these parameters, except that the base arrives as one ``weight``: the dense (N, K)
 tensor, or the :class:`~.quantized_weight.QuantizedWeight` that the custom-op form ``(weight, wstate, wformat,
-wmeta)`` describes (a dataclass cannot cross ``torch.library``). Fake (meta) implementations let ``torch.compile(fullgraph=True)``
-treat both as opaque nodes; :class:`LoRALinearFunction` ties them together for autograd.
+wmeta)`` describes (a dataclass cannot cross ``torch.library``). Fake (meta) implementations let
+``torch.compile(fullgraph=True)`` treat both as opaque nodes; :class:`LoRALinearFunction` ties them together for autograd.
 """
 from typing import Optional
 
@@ -80,15 +80,18 @@ class LoRALinearFunction(torch.autograd.Function):
     ``apply(x, weight, wstate, wformat, wmeta, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling,
     dropout_p, save_x, backend)``; ``save_x`` False (A frozen) keeps x out of the saved tensors and skips dA.
     ``wformat`` "subclass" (a torchao weight): the tensor subclass cannot enter the custom ops (its dispatch does
-    not know them), so it is dequantized here, in the forward and again in the backward; only the quantized tensor
-    is saved, never its dense copy.
+    not know them), so it is dequantized here, in the forward and again in the backward when dX is needed; only the
+    quantized tensor is saved, never its dense copy.
     """
 
     @staticmethod
     def forward(ctx, x, weight, wstate, wformat, wmeta, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed,
                 scaling, dropout_p, save_x, backend):
         ctx.wformat, ctx.wmeta, ctx.n_wstate = wformat, list(wmeta), len(wstate)
-        w, state, fmt = (weight.dequantize().to(x.dtype), [], "dense") if wformat == "subclass" else (weight, wstate, wformat)
+        if wformat == "subclass":
+            w, state, fmt = weight.dequantize().to(x.dtype), [], "dense"
+        else:
+            w, state, fmt = weight, wstate, wformat
         y, h = forward_op(x, w, state, fmt, wmeta, lora_A, lora_B, rank_scale, bias, mask_A, mask_B, seed, scaling,
                           dropout_p, backend)
         del w
