@@ -37,6 +37,9 @@ PEFT_TESTED = (">=0.18", "<0.23")
 logger = logging.getLogger(__name__)
 
 _KASA = getattr(_variants, "KasaLinearVariant", None)
+# Variants whose forward is vanilla LoRA's (``result + B(A(drop(x))) * scaling``): MiCA only freezes B, which the
+# fused op honours through requires_grad.
+_PLAIN_VARIANTS = tuple(v for v in (getattr(_variants, "MiCALinearVariant", None),) if v is not None)
 
 
 def _bnb_lora_classes() -> tuple[type, ...]:
@@ -67,7 +70,9 @@ def unsupported_reason(layer: _PeftLinear, x: torch.Tensor, args=(), kwargs=None
         return f"{len(active)} active adapters (the fused op runs exactly one)"
     name = active[0]
     variant = layer.lora_variant.get(name)
-    if variant is not None and not (_KASA is not None and isinstance(variant, _KASA)):
+    if isinstance(variant, _PLAIN_VARIANTS):
+        variant = None
+    elif variant is not None and not (_KASA is not None and isinstance(variant, _KASA)):
         return f"LoRA variant {type(variant).__name__}"
     if variant is not None and name in getattr(layer, "_lora_kasa_truncation_deferred", ()):
         return "KaSA base-weight truncation still deferred"
@@ -111,7 +116,8 @@ def _fused(layer: _PeftLinear, x: torch.Tensor) -> torch.Tensor:
     base = base_weight(layer.get_base_layer())
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    rank_scale = layer.lora_diag[name] if name in layer.lora_variant else None
+    kasa = _KASA is not None and isinstance(layer.lora_variant.get(name), _KASA)
+    rank_scale = layer.lora_diag[name] if kasa else None
     A, B, scaling = layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
     if base.quantized_format is None:
         # Conv1D stores (in, out); lora_linear wants nn.Linear's (out, in).
@@ -129,7 +135,7 @@ def patch(model: nn.Module) -> nn.Module:
     ``peft.tuners.lora.Linear`` (dense or torchao base) and the bitsandbytes QLoRA layers (4-bit, 8-bit).
 
     Layers whose state the fused op cannot reproduce (merged, disabled, several active adapters, DoRA or another
-    variant except KaSA, a base no kind of :mod:`loranull_kernels.base_weights` reads (GPTQ, HQQ, ...), a trainable
+    variant except KaSA and MiCA, a base no kind of :mod:`loranull_kernels.base_weights` reads (GPTQ, HQQ, ...), a trainable
     base, unsupported dtype, ``lora_bias``) keep PEFT's forward for that call; each such layer logs the reason once
     (logger ``loranull_kernels.integrations.peft``, INFO). Other LoRA layer classes (GPTQ, Embedding, Conv, ...)
     are left untouched, with one log line each. Idempotent. Returns ``model``. Undo with :func:`unpatch`.

@@ -10,6 +10,7 @@ peft = require("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import Linear as PeftLinear  # noqa: E402
 from peft.tuners.lora import config as peft_lora_config  # noqa: E402
+from peft.tuners.lora import variants as peft_lora_variants  # noqa: E402
 
 import loranull_kernels as lk  # noqa: E402
 from loranull_kernels.integrations import peft as lkpeft  # noqa: E402
@@ -61,15 +62,21 @@ def _compare(model, batch, dtype, fused_calls, expect_fused=True, tol=None):
     pytest.param(dict(r=4, lora_alpha=8, kasa="KasaConfig"),
                  marks=pytest.mark.skipif(not hasattr(peft_lora_config, "KasaConfig"),
                                           reason=f"peft {peft.__version__} has no KaSA (added in 0.21)")),
-], ids=["lora", "rslora", "dropout-eval", "pissa", "kasa"])
+    pytest.param(dict(r=4, lora_alpha=4, init_lora_weights="mica"),
+                 marks=pytest.mark.skipif(not hasattr(peft_lora_variants, "MiCALinearVariant"),
+                                          reason=f"peft {peft.__version__} has no MiCA (added in 0.22)")),
+], ids=["lora", "rslora", "dropout-eval", "pissa", "kasa", "mica"])
 def test_matches_peft_fp32(cfg, fused_calls):
     if "kasa" in cfg:
         cfg = {**{k: v for k, v in cfg.items() if k != "kasa"}, "kasa_config": peft_lora_config.KasaConfig()}
     model = _peft_model(**cfg)
-    if "kasa_config" in cfg:  # the diagonal must take part in the comparison
-        for layer in model.modules():
-            if isinstance(layer, PeftLinear):
+    for layer in model.modules():
+        if isinstance(layer, PeftLinear):
+            if "kasa_config" in cfg:  # the diagonal must take part in the comparison
                 layer.lora_diag["default"].data.uniform_(0.5, 1.5)
+            if cfg.get("init_lora_weights") == "mica":  # A starts at 0; B (frozen) must get no gradient
+                layer.lora_A["default"].weight.data.normal_(0, 0.1)
+                assert not layer.lora_B["default"].weight.requires_grad
     _compare(model, token_batches(1)[0], torch.float32, fused_calls)
 
 
