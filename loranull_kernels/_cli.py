@@ -56,6 +56,14 @@ def probability(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = _number(text, float)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int ≥ 1."""
     value = _number(text, int)

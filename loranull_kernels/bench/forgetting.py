@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .. import AdapterConfig, LoRALinear, after_optimizer_step, backend, estimate_curvature, inject, nullspace
+from .. import AdapterConfig, after_optimizer_step, backend, estimate_curvature, inject, nullspace
 from .. import regularization_loss
+from ..targets import find_targets
 from .._denormals import flush_denormals
 from . import arithmetic, qa
+from .peft_peers import PEERS, PeftPeer, Refused, adapter_rows, fused_summary
+from .peft_peers import attach as attach_peer
 from .pretrain import PretrainConfig, load_or_pretrain, recall
 from .world import EOS, World, WorldConfig
 
@@ -52,12 +55,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @dataclass(frozen=True)
 class BenchmarkEntry:
     """One row of the benchmark: a method (or one setting of its hyperparameter) under test, with its learning-rate
-    grid. ``config`` None means full fine-tuning (every parameter trains)."""
+    grid. ``config`` None and no ``peer`` means full fine-tuning (every parameter trains)."""
 
     name: str
     family: str
     config: AdapterConfig | None
     lrs: tuple[float, ...]
+    peer: PeftPeer | None = None  # a PEFT initialisation (family "peft"), built by PEFT itself: .peft_peers
 
     @property
     def lalora_lambda(self) -> float | None:
@@ -87,12 +91,21 @@ class BenchmarkConfig:
     curvature_batches: int = 8
     leak_questions: int = 400
     methods: tuple[str, ...] | None = None  # a subset of method names; None: all
+    peers: tuple[str, ...] = tuple(PEERS)  # PEFT's initialisations run as rows (.peft_peers.PEERS)
 
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         if self.steps < 1 or self.batch_size < 1 or self.r < 1:
             raise ValueError("steps, batch_size and r must be ≥ 1")
+        check_peers(self.peers)
+
+
+def check_peers(peers: tuple[str, ...]) -> None:
+    """ValueError for a peer name :data:`.peft_peers.PEERS` does not declare."""
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown PEFT peers {unknown}; choose from {list(PEERS)}")
 
 
 # The full model's held-out recall moved with the machine: 93.8% (step 2,000) when the committed results were
@@ -108,7 +121,7 @@ QUICK = BenchmarkConfig(
                             hidden_size=96, intermediate_size=192, num_layers=2, steps=1200, batch_size=32, lr=3e-3,
                             stop_recall=0.95),
     r=4, steps=60, batch_size=16, seeds=(0, 1), adapter_lrs=(3e-3, 1e-2), full_lrs=(1e-3,), lalora_lambdas=(1e4,),
-    calibration_questions=64, curvature_batches=2, leak_questions=64)
+    calibration_questions=64, curvature_batches=2, leak_questions=64, peers=("peft:corda-kpm",))
 
 
 _AT_LORA_RATE = ("lalora", "l2")  # LoRA plus a penalty: run at LoRA's selected learning rate, no sweep of their own
@@ -135,6 +148,8 @@ def methods(cfg: BenchmarkConfig) -> list[BenchmarkEntry]:
         BenchmarkEntry("kasa", "kasa", AdapterConfig(method="kasa", alpha=2 * r, **base), lrs),
         BenchmarkEntry("roselora", "roselora", rose, lrs),
     ]
+    # PEFT's own initialisations (.peft_peers), on the same grid: the rivals a user would otherwise pick.
+    out += [BenchmarkEntry(name, "peft", None, lrs, peer=PEERS[name]) for name in cfg.peers]
     # LaLoRA = LoRA + the Laplace penalty: its λ sweep runs at LoRA's selected rate (filled in by run()).
     out += [BenchmarkEntry(f"lalora λ={lam:g}", "lalora",
                            dataclasses.replace(plain, method="lalora", lalora_lambda=lam,
@@ -213,9 +228,10 @@ def _to(batch: dict, device) -> dict:
 @torch.no_grad()
 def mean_leak(model: torch.nn.Module, batch: dict) -> float:
     """Mean over the adapter layers of ``lk.nullspace.leak`` of their inputs on ``batch`` (padding excluded)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    if not layers:
+    rows = adapter_rows(model)
+    if not rows:
         return math.nan
+    layers = [m for m, _ in rows]
     keep = batch["attention_mask"].reshape(-1).bool()
     inputs: dict = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].detach()))
@@ -226,8 +242,8 @@ def mean_leak(model: torch.nn.Module, batch: dict) -> float:
     finally:
         for h in hooks:
             h.remove()
-    leaks = [nullspace.leak(inputs[m].reshape(-1, inputs[m].shape[-1])[keep.to(inputs[m].device)], m.lora_A)
-             for m in layers]
+    leaks = [nullspace.leak(inputs[m].reshape(-1, inputs[m].shape[-1])[keep.to(inputs[m].device)], A)
+             for m, A in rows]
     return sum(leaks) / len(leaks)
 
 
@@ -261,20 +277,51 @@ def train(model: torch.nn.Module, data: dict, lr: float, steps: int, batch_size:
     return params, losses
 
 
+def attach(model: torch.nn.Module, method: BenchmarkEntry, seed: int, calibration: list[dict], source: list[dict],
+           r: int, targets=None) -> torch.nn.Module:
+    """Make ``model`` (modified in place) ready to fine-tune with ``method``: every parameter trainable (full
+    fine-tuning), our adapter injected (``lk.inject``, calibrated on ``calibration`` when the method needs it, LaLoRA's
+    curvature estimated on ``source``), or a PEFT peer built by PEFT (:func:`.peft_peers.attach`, calibrated on the
+    same batches, at rank ``r``). ``targets`` replaces the method's target modules. Returns the model to train.
+
+    Raises:
+        Refused: PEFT refused the peer (its reason).
+    """
+    if method.peer is not None:
+        names = [n for n, _ in find_targets(model, targets or TARGETS)]
+        return attach_peer(model, method.peer, r, names, calibration, seed)
+    if method.config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    config = dataclasses.replace(method.config, init_seed=seed)
+    if targets is not None:
+        config = dataclasses.replace(config, target_modules=targets)
+    inject(model, config, calibration_data=calibration if config.needs_calibration else None, progress=False)
+    if config.effective_regularizer == "lalora":
+        estimate_curvature(model, source)
+    return model
+
+
+def refused_row(method: BenchmarkEntry, lr: float, seed: int, cfg, reason: str, recall_before: float) -> dict:
+    """The result row of a run PEFT refused to build: the metrics NaN, ``refused`` its reason."""
+    nan = math.nan
+    return dict(method=method.name, family=method.family, lr=lr, seed=seed, lalora_lambda=None, r=cfg.r,
+                steps=cfg.steps, batch_size=cfg.batch_size, val_accuracy=nan, target_accuracy=nan,
+                recall_before=recall_before, recall_init=nan,
+                recall_after=nan, retention=nan, leak_init=nan, leak_final=nan, task_leak_init=nan,
+                final_task_loss=nan, trainable=0, seconds=0.0, refused=reason, peft_fused="")
+
+
 def fine_tune(setup: Setup, method: BenchmarkEntry, lr: float, seed: int) -> dict:
     """One run: copy the pre-trained model, attach the method, train on the task, measure. Returns a result row."""
     cfg, world, device = setup.config, setup.world, setup.device
     start = time.perf_counter()
-    model = copy.deepcopy(setup.base)
-    if method.config is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        config = dataclasses.replace(method.config, init_seed=seed)
-        inject(model, config, calibration_data=[_to(b, device) for b in setup.calibration]
-               if config.needs_calibration else None, progress=False)
-        if config.effective_regularizer == "lalora":
-            estimate_curvature(model, [_to(b, device) for b in setup.source])
+    try:
+        model = attach(copy.deepcopy(setup.base), method, seed, [_to(b, device) for b in setup.calibration],
+                       [_to(b, device) for b in setup.source], cfg.r)
+    except Refused as e:
+        return refused_row(method, lr, seed, cfg, str(e), setup.recall_before)
     leak_batch = _to(setup.leak_batch, device)
     leak_init = mean_leak(model, leak_batch)
     task_leak_init = mean_leak(model, _to(setup.task_leak_batch, device))  # how much of the new task A can see
@@ -292,12 +339,15 @@ def fine_tune(setup: Setup, method: BenchmarkEntry, lr: float, seed: int) -> dic
         recall_train_phrasing=recall(model, world, "train"),
         leak_init=leak_init, leak_final=mean_leak(model, leak_batch), task_leak_init=task_leak_init,
         final_task_loss=sum(tail) / len(tail), trainable=sum(p.numel() for p in params),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, refused="", peft_fused=fused_summary(model))
 
 
 def _select(rows: list[dict]) -> dict:
     """The selection seed's best row: highest validation accuracy, then highest retention."""
-    return max(rows, key=lambda r: (r["val_accuracy"], r["retention"]))
+    def score(v: float) -> float:  # a refused run's NaN ranks last
+        return -math.inf if math.isnan(v) else v
+
+    return max(rows, key=lambda r: (score(r["val_accuracy"]), score(r["retention"])))
 
 
 # Runs are independent, and on a CPU a small model trains faster as several one-thread processes than as one

@@ -111,10 +111,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("nf4",), default=None,
                    help="with --model: quantize the base as QLoRA loads it (bitsandbytes NF4, double quantization) "
                         "and run every adapter method on it (needs the quant extra)")
+    p.add_argument("--lrs", nargs="+", type=_cli.positive_float, default=None,
+                   help="the adapter rows' learning-rate grid (default: the mode's; full fine-tuning keeps its own)")
+    p.add_argument("--peers", nargs="*", default=None,
+                   help="PEFT's initialisations to run as rows (default: every one of peft_peers.PEERS; none: "
+                        "--peers with no name)")
+    p.add_argument("--task", default=None,
+                   help="with --model: the new task (swap: a made-up word swap, the default; add: two-digit addition; "
+                        "date: date reformatting; code: a made-up code)")
+    p.add_argument("--calibration", choices=("facts", "docs", "generated"), default=None,
+                   help="with --model: the text LoRA-Null and the data-driven peers calibrate on (default facts)")
+    p.add_argument("--calibration-fraction", type=_cli.positive_float, default=None,
+                   help="with --model: the share of the calibration text used, in (0, 1] (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", metavar="RUNS_CSV", default=None,
                    help="no runs: redraw the plot (next to the CSV) and print the table from a runs CSV")
     return p
+
+
+def apply_common_args(cfg, args):
+    """``--methods``, ``--seeds``, ``--lrs`` and ``--peers`` applied to either benchmark's configuration (both carry
+    those fields). Raises ValueError for an unknown peer."""
+    if args.methods is not None:
+        cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
+    if args.lrs is not None:
+        cfg = dataclasses.replace(cfg, adapter_lrs=tuple(dict.fromkeys(args.lrs)))
+    if args.peers is not None:
+        cfg = dataclasses.replace(cfg, peers=tuple(dict.fromkeys(args.peers)))
+    return cfg
 
 
 def main(argv=None) -> dict:
@@ -126,9 +152,13 @@ def main(argv=None) -> dict:
         p.error(f"--replot {args.replot!r}: no such file")
     if args.quantize and args.model is None:
         p.error("--quantize needs --model (the toy benchmark's model is not quantized)")
+    for name in ("task", "calibration", "calibration_fraction"):
+        if getattr(args, name) is not None and args.model is None:
+            p.error(f"--{name.replace('_', '-')} needs --model (the toy benchmark has its own task and calibration)")
     if args.replot:
         unused = [f"--{name.replace('_', '-')}" for name in ("quick", "out_dir", "methods", "seeds", "device", "workers",
-                                                             "pretrain_steps", "model", "quantize")
+                                                             "pretrain_steps", "model", "quantize", "lrs", "peers",
+                                                             "task", "calibration", "calibration_fraction")
                   if getattr(args, name) != p.get_default(name)]
         if unused:  # (they were ignored)
             p.error(f"{unused[0]} does nothing with --replot, which redraws the plot next to the CSV from its runs")
@@ -150,8 +180,7 @@ def main(argv=None) -> dict:
     try:
         if args.methods is not None:
             cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
-        if args.seeds is not None:
-            cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
+        cfg = apply_common_args(cfg, args)
         if args.pretrain_steps is not None:
             cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, steps=args.pretrain_steps))
         methods(cfg)  # unknown method names fail here, not after pre-training

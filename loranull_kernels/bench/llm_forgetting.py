@@ -32,11 +32,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .. import LoRALinear, estimate_curvature, inject, nullspace
-from . import harness, llm_model, llm_probe, llm_tasks, llm_text
-from .forgetting import mean_leak, methods, protocol, protocol_size, train
+from .. import nullspace
+from . import harness, llm_calibration, llm_model, llm_probe, llm_tasks, llm_text
+from .forgetting import (Refused, adapter_rows, attach, check_peers, fused_summary, mean_leak, methods, protocol,
+                         protocol_size, refused_row, train)
+from .peft_peers import PEERS
 
-_FORMAT = 1  # bump when a run's recipe changes, so cached run rows are not reused
+_FORMAT = 2  # bump when a run's recipe changes, so cached run rows are not reused
+# Fields that only choose which runs to make: a run's cache file is keyed by its method's settings, rate and seed.
+_NOT_IN_KEY = ("methods", "seeds", "adapter_lrs", "full_lrs", "lalora_lambdas", "l2_controls", "peers")
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,8 @@ class LLMBenchmarkConfig:
     targets: str | tuple[str, ...] = "all-linear"
     steps: int = 40
     batch_size: int = 16
-    seeds: tuple[int, ...] = (0, 1)
-    adapter_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    adapter_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # one grid for every adapter row, ours and PEFT's
     full_lrs: tuple[float, ...] = (1e-5, 3e-5)
     lalora_lambdas: tuple[float, ...] = (1e4, 1e5, 1e6)
     lalora_prior_precision: float = 1e-6
@@ -63,10 +67,13 @@ class LLMBenchmarkConfig:
     n_test: int = 40
     split_seed: int = 0
     max_held_out: int | None = None  # cap on the held-out facts scored per run (None: all)
+    calibration: str = "facts"  # the text LoRA-Null, the data-driven peers and LaLoRA calibrate on: llm_calibration
+    calibration_fraction: float = 1.0  # the share of it used (as many sentences as this share of the facts half)
     calibration_batch: int = 32
     curvature_batches: int = 8
     curvature_batch: int = 8
     methods: tuple[str, ...] | None = None
+    peers: tuple[str, ...] = tuple(PEERS)  # PEFT's initialisations run as rows (.peft_peers.PEERS)
     quantize: str | None = None  # "nf4": the base is quantized as QLoRA loads it (llm_model.quantize)
 
     def __post_init__(self):
@@ -74,12 +81,20 @@ class LLMBenchmarkConfig:
             raise ValueError("seeds must not be empty")
         if self.steps < 1 or self.batch_size < 1 or self.r < 1:
             raise ValueError("steps, batch_size and r must be ≥ 1")
+        check_peers(self.peers)
+        if self.task not in llm_tasks.TASKS:
+            raise ValueError(f"task={self.task!r}: choose one of {sorted(llm_tasks.TASKS)}")
+        if self.calibration not in llm_calibration.KINDS:
+            raise ValueError(f"calibration={self.calibration!r}: choose one of {llm_calibration.KINDS}")
+        if not 0 < self.calibration_fraction <= 1:
+            raise ValueError(f"calibration_fraction must be in (0, 1], got {self.calibration_fraction}")
         if self.quantize is not None and self.quantize not in llm_model.QUANTIZATIONS:
             raise ValueError(f"quantize={self.quantize!r}: choose one of {llm_model.QUANTIZATIONS} or None")
 
     def key(self) -> str:
-        """A short hash of every field that changes a run (not ``methods`` and ``seeds``, which only pick runs)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "seeds")}
+        """A short hash of every field that changes a run (not the grids, methods, peers and seeds, which only pick
+        runs)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_KEY}
         return hashlib.sha256(json.dumps({"format": _FORMAT, **fields}, sort_keys=True, default=str).encode()
                               ).hexdigest()[:16]
 
@@ -88,7 +103,7 @@ class LLMBenchmarkConfig:
 # Quick mode: a pipeline check of the three code paths (plain, calibrated, curvature) in about two minutes.
 FULL = LLMBenchmarkConfig()
 QUICK = LLMBenchmarkConfig(steps=12, batch_size=8, seeds=(0,), adapter_lrs=(1e-3,), lalora_lambdas=(1e6,), n_val=10,
-                           n_test=10, max_held_out=24, curvature_batches=2, methods=("lora", "lora_null v2", "lalora"))
+                           n_test=10, max_held_out=24, curvature_batches=2, methods=("lora", "lora_null v2", "lalora", "peft:corda-kpm"))
 
 
 @dataclass
@@ -161,7 +176,8 @@ def prepare(cfg: LLMBenchmarkConfig, model_spec: str = llm_model.DEFAULT_MODEL, 
             out.append(b)
         return out
 
-    text = [f.sentence for f in calibration_facts]
+    text = llm_calibration.texts(cfg.calibration, model, tokenizer, calibration_facts, cfg.calibration_fraction,
+                                 key=key)
     held_batch = llm_text.encode(tokenizer, [f.example for f in held_out])
     setup = LLMSetup(
         cfg, name or "model", key, model, tokenizer, facts, known, calibration_facts, held_out, task,
@@ -173,6 +189,8 @@ def prepare(cfg: LLMBenchmarkConfig, model_spec: str = llm_model.DEFAULT_MODEL, 
     setup.record = dict(model=name, model_hash=key, parameters=sum(p.numel() for p in model.parameters()),
                         facts=len(known), probe_facts=len(facts), calibration_facts=len(calibration_facts),
                         held_out_facts=len(held_out), base_task_accuracy=setup.base_task_accuracy,
+                        calibration_sentences=len(text),
+                        calibration_digest=hashlib.sha256("\n".join(text).encode()).hexdigest()[:12],
                         seconds=time.perf_counter() - start)
     return setup
 
@@ -190,11 +208,13 @@ def knowledge(model: torch.nn.Module, setup: LLMSetup) -> tuple[float, float]:
     prompt = (batch["attention_mask"].bool() & (batch["labels"] == llm_text.IGNORE)).reshape(-1)
     leaks: list[float] = []
 
-    def hook(module, args):
-        x = args[0].detach()
-        leaks.append(nullspace.leak(x.reshape(-1, x.shape[-1])[prompt], module.lora_A))
+    def hook(A):
+        def read(module, args):
+            x = args[0].detach()
+            leaks.append(nullspace.leak(x.reshape(-1, x.shape[-1])[prompt], A))
+        return read
 
-    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LoRALinear)]
+    hooks = [m.register_forward_pre_hook(hook(A)) for m, A in adapter_rows(model)]
     was_training = model.training
     model.eval()
     try:
@@ -214,16 +234,8 @@ def _initialised(setup: LLMSetup, method, seed: int) -> tuple:
     key = (method.name, repr(method.config), seed)
     if setup.last_init is None or setup.last_init[0] != key:
         setup.last_init = None  # free the previous copy before building the next
-        model = copy.deepcopy(setup.base)
-        if method.config is None:
-            for p in model.parameters():
-                p.requires_grad_(True)
-        else:
-            config = dataclasses.replace(method.config, init_seed=seed, target_modules=setup.config.targets)
-            inject(model, config, calibration_data=[_to(b, setup.device) for b in setup.calibration]
-                   if config.needs_calibration else None, progress=False)
-            if config.effective_regularizer == "lalora":
-                estimate_curvature(model, [_to(b, setup.device) for b in setup.source])
+        model = attach(copy.deepcopy(setup.base), method, seed, [_to(b, setup.device) for b in setup.calibration],
+                       [_to(b, setup.device) for b in setup.source], setup.config.r, setup.config.targets)
         recall, leak = knowledge(model, setup)
         setup.last_init = (key, model, recall, leak, mean_leak(model, _to(setup.task_leak_batch, setup.device)))
     _, model, recall, leak, task_leak = setup.last_init
@@ -236,7 +248,10 @@ def fine_tune(setup: LLMSetup, method, lr: float, seed: int) -> dict:
     cfg, device, tok = setup.config, setup.device, setup.tokenizer
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model, recall_init, leak_init, task_leak_init = _initialised(setup, method, seed)
+    try:
+        model, recall_init, leak_init, task_leak_init = _initialised(setup, method, seed)
+    except Refused as e:
+        return {"model": setup.name, **refused_row(method, lr, seed, cfg, str(e), setup.recall_before)}
     params, losses = train(model, setup.train_batch, lr, cfg.steps, cfg.batch_size, seed, device,
                            loss_fn=llm_text.answer_loss)
     recall_after, leak_final = knowledge(model, setup)
@@ -249,13 +264,15 @@ def fine_tune(setup: LLMSetup, method, lr: float, seed: int) -> dict:
         recall_before=setup.recall_before, recall_init=recall_init, recall_after=recall_after,
         retention=recall_after / setup.recall_before, leak_init=leak_init, leak_final=leak_final,
         task_leak_init=task_leak_init, final_task_loss=sum(tail) / len(tail),
-        trainable=sum(p.numel() for p in params), seconds=time.perf_counter() - start)
+        trainable=sum(p.numel() for p in params), seconds=time.perf_counter() - start, refused="",
+        peft_fused=fused_summary(model))
 
 
 def _run_cache(setup: LLMSetup, method, lr: float, seed: int):
     """The cache file of one run: keyed by the model hash, the configuration, the method's settings, lr and seed."""
-    blob = json.dumps([setup.config.key(), method.name, repr(method.config), lr, seed, len(setup.held_out),
-                       str(setup.device)])
+    # The calibration text's digest too: the "docs" kind reads this package's docstrings, which change with it.
+    blob = json.dumps([setup.config.key(), method.name, repr(method.config), repr(method.peer), lr, seed,
+                       len(setup.held_out), str(setup.device), setup.record["calibration_digest"]])
     return harness.cache_dir() / "llm_runs" / setup.key / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
 
 

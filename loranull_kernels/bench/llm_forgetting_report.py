@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import harness, llm_model
 from .forgetting_table import markdown_table, plot, summarize
+from .forgetting_report import apply_common_args
 from .llm_forgetting import FULL, QUICK, LLMBenchmarkConfig, methods, run
 
 
@@ -25,6 +26,14 @@ def title(result: dict) -> str:
             f"{cfg.batch_size}, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}")
 
 
+def variant(cfg: LLMBenchmarkConfig) -> str:
+    """The file-name suffix of a non-default task or calibration text: ``"_add"``, ``"_cal-docs-0.5"``, ''."""
+    out = "" if cfg.task == FULL.task else f"_{cfg.task}"
+    if (cfg.calibration, cfg.calibration_fraction) != (FULL.calibration, FULL.calibration_fraction):
+        out += f"_cal-{cfg.calibration}-{cfg.calibration_fraction:g}"
+    return out
+
+
 def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
     """The two CSVs and the plot of a :func:`.llm_forgetting.run` result; returns their paths."""
     setup = result["setup"]
@@ -32,7 +41,7 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
     for row in summary:
         row.update(model=setup.name, model_hash=setup.key, held_out_facts=len(setup.held_out),
                    base_task_accuracy=setup.base_task_accuracy)
-    stem = f"forgetting{'_quick' * quick}_{setup.name}"
+    stem = f"forgetting{'_quick' * quick}_{setup.name}{variant(setup.config)}"
 
     def where(suffix: str, ext: str) -> Path:
         return harness.results_path(stem + suffix, ext, setup.device, out_dir)
@@ -44,15 +53,14 @@ def write(result: dict, out_dir=None, quick: bool = False) -> dict[str, Path]:
 
 def config_from_args(args) -> LLMBenchmarkConfig:
     """The configuration ``loranull-forgetting --model`` runs: ``--quick`` or the full one, with ``--methods``,
-    ``--seeds`` and ``--quantize`` applied. Raises ValueError for an unknown method name or a ``--quantize`` without
+    ``--seeds``, ``--lrs``, ``--peers``, ``--task``, ``--calibration(-fraction)`` and ``--quantize`` applied. Raises ValueError for an unknown method name or a ``--quantize`` without
     bitsandbytes, and FileNotFoundError for a missing model file or folder, or a Hugging Face id neither the hub nor
     its cache has, before any model is loaded."""
     llm_model.check_available(llm_model.resolve(args.model))
-    cfg = QUICK if args.quick else FULL
-    if args.methods is not None:
-        cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
-    if args.seeds is not None:
-        cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
+    cfg = apply_common_args(QUICK if args.quick else FULL, args)
+    for name in ("task", "calibration", "calibration_fraction"):
+        if getattr(args, name, None) is not None:
+            cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
     if getattr(args, "quantize", None):
         try:
             import bitsandbytes  # noqa: F401

@@ -1,5 +1,6 @@
 """The new tasks of the real-model forgetting benchmark: a made-up compositional code no pre-trained model knows
-(:func:`code_task`), and a made-up word operation (:func:`swap_task`); :data:`TASKS` names them.
+(:func:`code_task`), a made-up word operation (:func:`swap_task`), two-digit addition (:func:`add_task`) and a date
+reformatting (:func:`date_task`); :data:`TASKS` names them.
 
 A code is a made-up syllable and a two-digit number, ``"Code vak-37 means"``; its meaning is two words, the
 syllable's colour and the number's animal: ``" red fox"``. The 100 (syllable, number) pairs are split into train,
@@ -74,4 +75,43 @@ def swap_task(seed: int = 0, n_val: int = 20, n_test: int = 20, n_train: int = 3
             "test": examples(order[n_val : n_val + n_test])}
 
 
-TASKS = {"code": code_task, "swap": swap_task}
+def _splits(items: list, n_val: int, n_test: int, n_train: int, seed: int, example) -> dict[str, list]:
+    """Shuffle ``items`` with ``seed`` and cut disjoint validation, test and training parts, as examples."""
+    if min(n_val, n_test, n_train) < 1 or n_val + n_test + n_train > len(items):
+        raise ValueError(f"n_train={n_train}, n_val={n_val}, n_test={n_test}: need ≥ 1 each and at most "
+                         f"{len(items)} in all")
+    g = torch.Generator().manual_seed(seed)
+    order = [items[i] for i in torch.randperm(len(items), generator=g)[: n_val + n_test + n_train].tolist()]
+    return {"train": [example(x) for x in order[n_val + n_test :]], "val": [example(x) for x in order[:n_val]],
+            "test": [example(x) for x in order[n_val : n_val + n_test]]}
+
+
+def add_task(seed: int = 0, n_val: int = 20, n_test: int = 20, n_train: int = 600) -> dict[str, list[tuple[str, str]]]:
+    """Two-digit addition, ``"32 + 76 ="`` → ``" 108"``: arithmetic, not a word operation. The (a, b) pairs of the
+    three splits are disjoint (drawn from ``seed``); SmolLM2-135M-Instruct answers none right before fine-tuning
+    (the benchmark measures it on every run).
+
+    Raises:
+        ValueError: a split size < 1, or more examples asked than the 8,100 pairs.
+    """
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    return _splits(pairs, n_val, n_test, n_train, seed, lambda p: (f"{p[0]} + {p[1]} =", f" {p[0] + p[1]}"))
+
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+
+
+def date_task(seed: int = 0, n_val: int = 20, n_test: int = 20, n_train: int = 600) -> dict[str, list[tuple[str, str]]]:
+    """Reformat a written date as ISO 8601, ``"Date: 28 September 1960. ISO:"`` → ``" 1960-09-28"``: a formatting
+    task (copy the year and day, map the month to its number, pad). Dates of the three splits are disjoint.
+
+    Raises:
+        ValueError: a split size < 1, or more examples asked than the dates available.
+    """
+    dates = [(y, m, d) for y in range(1950, 2030) for m in range(1, 13) for d in range(1, 29)]
+    return _splits(dates, n_val, n_test, n_train, seed,
+                   lambda t: (f"Date: {t[2]} {MONTHS[t[1] - 1]} {t[0]}. ISO:", f" {t[0]}-{t[1]:02d}-{t[2]:02d}"))
+
+
+TASKS = {"code": code_task, "swap": swap_task, "add": add_task, "date": date_task}

@@ -128,9 +128,30 @@ def test_swap_task_splits_are_disjoint_pairs_of_the_rule():
     for prompt, answer in parts["test"]:
         _, a, b, _ = prompt.split()
         assert answer == f" {b} {a}" and a != b
-    assert set(llm_tasks.TASKS) == {"code", "swap"}
+    assert set(llm_tasks.TASKS) == {"code", "swap", "add", "date"}
     with pytest.raises(ValueError):
         llm_tasks.swap_task(n_train=0)
+
+
+def test_add_and_date_tasks_are_disjoint_and_right():
+    import datetime
+
+    for make in (llm_tasks.add_task, llm_tasks.date_task):
+        parts = make(seed=3, n_val=7, n_test=9, n_train=31)
+        assert [len(parts[k]) for k in ("train", "val", "test")] == [31, 7, 9]
+        prompts = [p for k in ("train", "val", "test") for p, _ in parts[k]]
+        assert len(set(prompts)) == len(prompts)
+        assert make(seed=4)["test"] != make(seed=3)["test"]
+        with pytest.raises(ValueError):
+            make(n_val=0)
+        with pytest.raises(ValueError):
+            make(n_train=10**6)
+    for prompt, answer in llm_tasks.add_task(seed=1)["test"]:
+        a, plus, b, eq = prompt.split()
+        assert (plus, eq) == ("+", "=") and answer == f" {int(a) + int(b)}" and 10 <= int(a) < 100
+    for prompt, answer in llm_tasks.date_task(seed=1)["test"]:
+        written = datetime.datetime.strptime(prompt, "Date: %d %B %Y. ISO:").date()
+        assert answer == " " + written.isoformat()
 
 
 def test_encode_labels_only_the_answer_and_exact_match_agrees_with_answer_logits():
