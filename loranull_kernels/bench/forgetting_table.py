@@ -29,7 +29,8 @@ def summarize(runs: list[dict], record: dict | None = None) -> list[dict]:
         if not sel:
             continue
         row = dict(method=name, family=sel[0]["family"], lr=sel[0]["lr"], lalora_lambda=sel[0]["lalora_lambda"],
-                   seeds=len(sel), trainable=sel[0]["trainable"], recall_before=sel[0]["recall_before"])
+                   seeds=len(sel), trainable=sel[0]["trainable"], recall_before=sel[0]["recall_before"],
+                   refused=sel[0].get("refused") or "", peft_fused=sel[0].get("peft_fused") or "")
         for key in _MEANS:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in sel])
         if record:
@@ -49,6 +50,9 @@ def markdown_table(summary: list[dict]) -> str:
              "| task leak init | trainable |",
              "|---|---|---|---|---|---|---|---|"]
     for r in summary:
+        if r.get("refused"):
+            lines.append(f"| {r['method']} | refused by PEFT: {r['refused']} | | | | | | |")
+            continue
         leak = ("–" if math.isnan(r["leak_init_mean"])
                 else f"{r['leak_init_mean']:.3f} → {r['leak_final_mean']:.3f}")
         task_leak = r.get("task_leak_init_mean", math.nan)
@@ -59,31 +63,46 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fronts(runs: list[dict]) -> dict[str, list[dict]]:
+    """Each swept method's front: its first seed's runs over the whole learning-rate grid, by rate (the runs of the
+    protocol's phase 1; LaLoRA and its control run at LoRA's rate and have none). Refused runs are left out."""
+    swept = [r for r in runs if r["family"] not in ("lalora", "l2") and not r.get("refused")]
+    out: dict[str, list[dict]] = {}
+    for name in dict.fromkeys(r["method"] for r in swept):
+        mine = [r for r in swept if r["method"] == name]
+        first = min(r["seed"] for r in mine)
+        rates = sorted({r["lr"] for r in mine if r["seed"] == first})
+        if len(rates) > 1:
+            out[name] = sorted((r for r in mine if r["seed"] == first), key=lambda r: r["lr"])
+    return out
+
+
 def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
-    """Retention against target accuracy: one point per method (error bars: ± std over seeds), LaLoRA's λ sweep as
-    a curve starting at LoRA (λ = 0), and each method's other learning rates (first seed) as faint points of its
-    colour."""
+    """Two panels of retention against target accuracy. Left: one point per method at its selected learning rate
+    (error bars: ± std over seeds), LaLoRA's λ sweep as a curve starting at LoRA (λ = 0). Right: each method's
+    front over the learning-rate grid (:func:`fronts`), which shows the rate where it starts to forget. PEFT's
+    rows (family ``peft``) are drawn hollow and dashed; refused rows are absent (the table says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = plt.get_cmap("tab10")
+    summary = [r for r in summary if not r.get("refused")]
+    fig, (ax, fx) = plt.subplots(1, 2, figsize=(14, 6.5))
+    palette = plt.get_cmap("tab20")
     names = [r["method"] for r in summary if r["family"] != "lalora"] + ["lalora"]
-    color = {n: colors(i % 10) for i, n in enumerate(names)}
+    color = {n: palette(i % 20) for i, n in enumerate(names)}
     color.update({r["method"]: color["lalora"] for r in summary if r["family"] == "lalora"})
-    for r in runs:
-        if not r.get("selected") and r["method"] in color:
-            ax.scatter(100 * r["target_accuracy"], 100 * r["retention"], s=14, alpha=0.35, color=color[r["method"]])
     markers = {"lora_null v1": "s", "lora_null v2": "D", "full fine-tuning": "*"}
     markers.update({r["method"]: "X" for r in summary if r["family"] == "l2"})
+    peft = {r["method"] for r in summary if r["family"] == "peft"}
     for r in summary:
         if r["family"] == "lalora":
             continue
         ax.errorbar(100 * r["target_accuracy_mean"], 100 * r["retention_mean"], xerr=100 * r["target_accuracy_std"],
                     yerr=100 * r["retention_std"], fmt=markers.get(r["method"], "o"), ms=8, capsize=3,
-                    color=color[r["method"]], label=f"{r['method']} (lr {r['lr']:g})")
+                    color=color[r["method"]], mfc="none" if r["method"] in peft else color[r["method"]],
+                    label=f"{r['method']} (lr {r['lr']:g})")
     lalora = sorted((r for r in summary if r["family"] == "lalora"), key=lambda r: r["lalora_lambda"])
     lora = [r for r in summary if r["method"] == "lora"]
     if lalora:
@@ -94,9 +113,21 @@ def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
         for r in lalora:
             ax.annotate(f"λ={r['lalora_lambda']:g}", (100 * r["target_accuracy_mean"], 100 * r["retention_mean"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=color["lalora"])
-    ax.set_xlabel("target task accuracy, % (learning) →")
-    ax.set_ylabel("fact recall retained, % of pre-trained (forgetting ↓)")
+    for name, front in fronts(runs).items():
+        if name not in color:
+            continue
+        fx.plot([100 * r["target_accuracy"] for r in front], [100 * r["retention"] for r in front],
+                "--" if name in peft else "-", marker=markers.get(name, "o"), ms=5, color=color[name],
+                mfc="none" if name in peft else color[name], label=name)
+        for r in (front[0], front[-1]):  # the grid's ends, so the direction of the sweep reads off the plot
+            fx.annotate(f"{r['lr']:g}", (100 * r["target_accuracy"], 100 * r["retention"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=6, color=color[name])
     ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fx.set_title("fronts: every learning rate of the grid (first seed); PEFT's rows dashed", fontsize=9)
+    for a in (ax, fx):
+        a.set_xlabel("target task accuracy, % (learning) →")
+        a.set_ylabel("fact recall retained, % of pre-trained (forgetting ↓)")
+        a.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    fx.legend(fontsize=6, loc="best")
     return harness.save_figure(fig, path)

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace",
-                                  "bench_qlora_model"])
+@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_calibration_text",
+                                  "bench_nullspace", "bench_qlora_model"])
 def test_runs_as_a_script_from_another_directory(name, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
@@ -34,8 +34,8 @@ def test_nullspace_benchmark_writes_where_it_is_told(tmp_path):
     assert leak["eigh"]["leak"] < leak["eigh"]["random_leak"]  # the null space sees less than a random subspace
 
 
-@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_nullspace",
-                                  "bench_qlora_model"])
+@pytest.mark.parametrize("name", ["bench_calibration", "bench_calibration_model", "bench_calibration_text",
+                                  "bench_nullspace", "bench_qlora_model"])
 def test_an_out_dir_that_is_a_file_is_refused_before_any_work(name, tmp_path, capsys):
     """It was found only when the results were written, after the whole benchmark."""
     import importlib

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import loranull_kernels as lk
-from loranull_kernels.bench import forgetting_report, llm_forgetting, llm_model, llm_probe, llm_tasks, llm_text
+from loranull_kernels.targets import find_targets
+from loranull_kernels.bench import (forgetting_report, llm_calibration, llm_forgetting, llm_model, llm_probe, llm_tasks,
+                                    llm_text)
 
 CAPITALS = [f for f in llm_probe.load_facts() if f.relation in ("capital", "symbol")]
 
@@ -225,6 +227,14 @@ def check_runs(runs, cfg, setup):
             best = max(sweep, key=lambda r: (r["val_accuracy"], r["retention"]))
             assert selected[0]["lr"] == best["lr"]  # chosen on validation accuracy
         for r in mine:
+            if r["refused"]:  # PEFT refused to build the peer: the row says why and carries no measurement
+                assert m.family == "peft" and math.isnan(r["retention"]) and r["trainable"] == 0
+                continue
+            if m.family == "peft":  # the patch ran every PEFT layer through the fused op
+                n = len(find_targets(setup.base, cfg.targets))
+                assert r["peft_fused"] == f"{n} of {n} layers fused", r
+            else:
+                assert r["peft_fused"] == ""
             for key in ("val_accuracy", "target_accuracy", "recall_after", "recall_init", "leak_init", "leak_final",
                         "task_leak_init"):
                 assert 0.0 <= r[key] <= 1.0, (key, r)
@@ -236,8 +246,9 @@ def check_runs(runs, cfg, setup):
     lora = next(r for r in runs if r["method"] == "lora")
     nulls = {r["method"]: r for r in runs if r["family"] == "lora_null"}
     assert nulls
-    for r in nulls.values():  # A is chosen away from the calibration facts' activations: the held-out facts leak far
-        assert r["leak_init"] < 0.5 * lora["leak_init"], (r, lora)  # less than into a random A
+    kpm = [r for r in runs if r["method"] == "peft:corda-kpm" and not r["refused"]]
+    for r in list(nulls.values()) + kpm:  # A is chosen away from the calibration facts' activations: the held-out
+        assert r["leak_init"] < 0.5 * lora["leak_init"], (r, lora)  # facts leak far less than into a random A
     if len(nulls) == 2:
         assert nulls["lora_null v2"]["trainable"] < nulls["lora_null v1"]["trainable"]  # v2 trains B only
 
@@ -263,6 +274,106 @@ def test_pipeline_on_a_tiny_llama(tmp_path):
     assert all(r["cached"] for r in again)
     assert [(r["method"], r["lr"], r["seed"], r["retention"]) for r in again] == [
         (r["method"], r["lr"], r["seed"], r["retention"]) for r in runs]
+
+
+def test_peft_peers_on_a_tiny_llama(tmp_path, caplog):
+    """Every PEFT peer built by PEFT on the benchmark's batches, trained through the patch: all of its layers fused,
+    the data-driven ones calibrated on the same sentences as LoRA-Null, MiCA training A only."""
+    import logging
+
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, seeds=(0,), adapter_lrs=(1e-2,), methods=("lora", "lora_null v2", "peft"))
+    setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS, progress=False)
+    with caplog.at_level(logging.INFO, logger="loranull_kernels.integrations.peft"):
+        runs = llm_forgetting.run(cfg, setup=setup, progress=False)["runs"]
+    check_runs(runs, cfg, setup)
+    by = {r["method"]: r for r in runs}
+    assert [m for m in by if m.startswith("peft:")] == list(llm_forgetting.PEERS)
+    assert not any(r["refused"] for r in runs)
+    assert by["peft:mica"]["trainable"] == by["peft:lora"]["trainable"] // 2  # B frozen: A only (square layers)
+    assert by["peft:lora"]["trainable"] == by["lora"]["trainable"]  # the same rank on the same layers
+    assert any("patched" in r.getMessage() for r in caplog.records)  # the patch's own log
+    table = markdown_table_of(runs)
+    assert all(f"| {name} |" in table for name in llm_forgetting.PEERS)
+
+
+def markdown_table_of(runs):
+    from loranull_kernels.bench.forgetting_table import markdown_table, summarize
+
+    return markdown_table(summarize(runs))
+
+
+def test_peers_peft_refuses_say_why_on_a_4bit_base():
+    """PEFT builds PiSSA and MiCA only on float weights: on the NF4 base their rows carry PEFT's reason."""
+    pytest.importorskip("bitsandbytes")
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, quantize="nf4", seeds=(0, 1), adapter_lrs=(1e-2,), peers=("peft:pissa", "peft:mica"),
+                              methods=("lora", "lora_null v2", "peft"))
+    setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS, progress=False)
+    runs = llm_forgetting.run(cfg, setup=setup, progress=False)["runs"]
+    check_runs(runs, cfg, setup)
+    refused = [r for r in runs if r["family"] == "peft"]
+    assert len(refused) == 4 and all(r["refused"].startswith("TypeError: Please initialize") for r in refused)
+    table = markdown_table_of(runs)
+    assert "| peft:pissa | refused by PEFT: TypeError: Please initialize PiSSA" in table
+
+
+def test_calibration_texts_kinds_and_fractions(cache):
+    model, tok = tiny_llama()
+    facts = CAPITALS[:40]
+    assert llm_calibration.texts("facts", model, tok, facts) == [f.sentence for f in facts]
+    quarter = llm_calibration.texts("facts", model, tok, facts, 0.25)
+    assert len(quarter) == 10 and {f.relation for f in facts} == {
+        f.relation for f in facts if f.sentence in quarter}  # spread over the relations, not the first ones
+    docs = llm_calibration.texts("docs", model, tok, facts, 0.5)
+    assert len(docs) == 20 and all(8 <= len(t.split()) <= 40 and "`" not in t for t in docs)
+    gen = llm_calibration.texts("generated", model, tok, facts, 0.5, key="k")
+    assert len(gen) == 20 and all(isinstance(t, str) and t for t in gen)
+    assert llm_calibration.generated(model, tok, 20, seed=1) != gen  # sampled, from the seed
+    assert (cache / "calibration").is_dir()
+    assert llm_calibration.texts("generated", None, None, facts, 0.5, key="k") == gen  # from the cache
+    with pytest.raises(ValueError):
+        llm_calibration.texts("facts", model, tok, facts, 0.0)
+    with pytest.raises(ValueError):
+        llm_calibration.texts("web", model, tok, facts)
+
+
+def test_calibration_option_reaches_the_setup_and_the_file_names(tmp_path):
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, seeds=(0,), adapter_lrs=(1e-2,), methods=("lora_null v2",),
+                              calibration="docs", calibration_fraction=0.5, task="date")
+    setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS, progress=False)
+    assert setup.record["calibration_sentences"] == round(len(setup.calibration_facts) / 2)
+    assert setup.task["test"][0][0].startswith("Date:")
+    result = llm_forgetting.run(cfg, setup=setup, progress=False)
+    paths = llm_forgetting_report_write(result, tmp_path)
+    assert paths["summary"].name.startswith("forgetting_tiny-llama_date_cal-docs-0.5_")
+    with pytest.raises(ValueError, match="calibration"):
+        dataclasses.replace(cfg, calibration="web")
+    for bad in (["--calibration", "docs"], ["--model", "x", "--lrs", "0"], ["--model", "x", "--calibration-fraction",
+                                                                           "nan"]):
+        with pytest.raises(SystemExit) as e:
+            forgetting_report.main(bad)
+        assert e.value.code == 2
+
+
+def test_calibration_text_study_on_a_tiny_llama():
+    """benchmarks/bench_calibration_text.py: each variant reruns the method at the rate its benchmark selected."""
+    from benchmarks import bench_calibration_text as study
+
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, seeds=(0, 1), adapter_lrs=(1e-3, 1e-2))
+    variants = (("facts", 1.0), ("facts", 0.5), ("docs", 1.0))
+    rows, _ = study.study(cfg, model, tok, "tiny-llama", ("lora_null v2", "peft:corda-kpm"), variants, progress=False)
+    assert [(r["method"], r["calibration"], r["fraction"]) for r in rows] == [
+        (m, k, f) for m in ("lora_null v2", "peft:corda-kpm") for k, f in variants]
+    for r in rows:
+        assert r["seeds"] == 2 and r["lr"] in cfg.adapter_lrs and 0 <= r["retention_mean"] <= 1
+    full = [r for r in rows if (r["calibration"], r["fraction"]) == ("facts", 1.0)]
+    assert all(r["cached"] >= 1 for r in full)  # the benchmark's own runs at that rate, from its cache
+    half = [r for r in rows if r["fraction"] == 0.5]
+    assert all(h["sentences"] == round(f["sentences"] / 2) for h, f in zip(half, full))
+    assert "| lora_null v2 | facts (0.5) |" in study.markdown_table(rows)
 
 
 def test_quantize_builds_the_layers_transformers_loads(tmp_path):
