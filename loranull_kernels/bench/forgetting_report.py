@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import _cli
 from . import harness
 from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run
-from .forgetting_table import markdown_table, plot, summarize
+from .forgetting_table import front_table, markdown_table, plot, summarize
 
 
 # What --replot reads of a runs CSV (summarize, plot and the title).
@@ -201,6 +201,8 @@ def main(argv=None) -> dict:
     print(f"\npre-trained model: {rec['parameters']:,} parameters, {rec['facts']} facts, held-out recall "
           f"{100 * result['setup'].recall_before:.1f}% ({origin})")
     print(markdown_table(summarize(result["runs"], rec)))
+    print("\nfronts (first seed, every rate of the grid; test accuracy / retention %, selected rate in bold):\n"
+          + front_table(result["runs"]))
     print(f"\n{len(result['runs'])} runs in {result['seconds']:.0f} s ({result['workers']} workers); wrote " + ", ".join(str(p) for p in paths.values()))
     return {"result": result, "paths": paths}
 

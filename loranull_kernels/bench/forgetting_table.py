@@ -77,6 +77,23 @@ def fronts(runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def front_table(runs: list[dict]) -> str:
+    """The fronts (:func:`fronts`) as a Markdown table: one row per method, one column per learning rate of the
+    grid, each cell ``test accuracy / retention`` in %, the selected rate in bold."""
+    rows = fronts(runs)
+    rates = sorted({r["lr"] for front in rows.values() for r in front})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for name, front in rows.items():
+        at = {r["lr"]: r for r in front}
+        cells = []
+        for lr in rates:
+            r = at.get(lr)
+            cell = "" if r is None else f"{100 * r['target_accuracy']:.0f} / {100 * r['retention']:.1f}"
+            cells.append(f"**{cell}**" if r is not None and r.get("selected") else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], runs: list[dict], path, title: str = "") -> Path:
     """Two panels of retention against target accuracy. Left: one point per method at its selected learning rate
     (error bars: ± std over seeds), LaLoRA's λ sweep as a curve starting at LoRA (λ = 0). Right: each method's

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from . import harness, llm_model
-from .forgetting_table import markdown_table, plot, summarize
+from .forgetting_table import front_table, markdown_table, plot, summarize
 from .forgetting_report import apply_common_args
 from .llm_forgetting import FULL, QUICK, LLMBenchmarkConfig, methods, run
 
@@ -85,6 +85,8 @@ def main(args, cfg: LLMBenchmarkConfig) -> dict:
         print(f"base quantized to {setup.config.quantize} in memory (llm_model.quantize); full fine-tuning is not "
               "run on a 4-bit base")
     print(markdown_table(summarize(result["runs"], rec)))
+    print("\nfronts (first seed, every rate of the grid; test accuracy / retention %, selected rate in bold):\n"
+          + front_table(result["runs"]))
     cached = sum(bool(r.get("cached")) for r in result["runs"])
     print(f"\n{len(result['runs'])} runs ({cached} from the cache) in {result['seconds']:.0f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))

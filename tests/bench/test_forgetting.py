@@ -201,7 +201,9 @@ def test_quick_benchmark_pipeline_invariants(cache, tmp_path):
             assert math.isfinite(r["final_task_loss"])
             if m.family != "kasa":  # every other method leaves the pre-trained outputs unchanged at init
                 assert abs(r["recall_init"] - r["recall_before"]) <= 2 / n_questions, r
-            if m.config is None:
+            if m.family == "peft":  # built by PEFT, every layer trained through the patch's fused op
+                assert r["peft_fused"] == "14 of 14 layers fused" and not r["refused"], r  # 2 blocks × 7
+            if m.config is None and m.peer is None:
                 assert math.isnan(r["leak_init"]) and r["trainable"] == sum(p.numel() for p in setup.base.parameters())
             else:
                 assert 0.0 <= r["leak_init"] <= 1.0 and 0.0 <= r["task_leak_init"] <= 1.0
@@ -212,6 +214,7 @@ def test_quick_benchmark_pipeline_invariants(cache, tmp_path):
     # LoRA-Null's A avoids the calibration (knowledge) activations: its leak on held-out questions is far below a
     # random A's; v2 trains B only.
     assert first("lora_null v1")["leak_init"] < 0.25 * first("lora")["leak_init"]
+    assert first("peft:corda-kpm")["leak_init"] < 0.25 * first("lora")["leak_init"]  # PEFT's KPM: the same aim
     assert first("lora_null v2")["trainable"] < first("lora_null v1")["trainable"]
     # The pre-trained model cannot do the task.
     assert qa.exact_match(setup.base, setup.world.vocab, setup.task["test"]).float().mean() < 0.05
