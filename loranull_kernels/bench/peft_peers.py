@@ -105,12 +105,35 @@ def attach(model: nn.Module, peer: PeftPeer, r: int, target_names: list[str], ca
         wrapped = get_peft_model(model, config, low_cpu_mem_usage=peer.data == "eva")
         if peer.data == "eva":
             batches = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in calibration]
-            initialize_lora_eva_weights(wrapped, batches, show_progress_bar=False)
+            initialize_lora_eva_weights(wrapped, batches, forward_fn=_bounded_forward(len(batches)),
+                                        show_progress_bar=False)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
         raise Refused(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     inner = wrapped.get_base_model()
     inner.train(was_training)
     return patch(inner)
+
+
+#: How many passes over the calibration batches EVA may take. PEFT's EVA cycles over them until every layer's top
+#: components stop moving (cosine ≥ tau = 0.99 between two incremental-PCA steps), with no limit of its own; on
+#: SmolLM2's 65 calibration sentences it had not converged after 10 minutes.
+EVA_MAX_PASSES = 20
+
+
+def _bounded_forward(n_batches: int):
+    """EVA's ``forward_fn`` (``model(**inputs)``, PEFT's default) that raises once it has run
+    :data:`EVA_MAX_PASSES` passes over the ``n_batches`` calibration batches."""
+    calls = 0
+
+    def forward(model, inputs):
+        nonlocal calls
+        calls += 1
+        if calls > EVA_MAX_PASSES * n_batches:
+            raise RuntimeError(f"EVA did not converge in {EVA_MAX_PASSES} passes over the calibration batches (PEFT "
+                               "cycles until every layer's components reach cosine ≥ tau = 0.99)")
+        return model(**inputs)
+
+    return forward
 
 
 def fused_summary(model: nn.Module) -> str:

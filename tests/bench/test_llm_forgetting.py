@@ -297,6 +297,18 @@ def test_peft_peers_on_a_tiny_llama(tmp_path, caplog):
     assert all(f"| {name} |" in table for name in llm_forgetting.PEERS)
 
 
+def test_eva_that_does_not_converge_is_a_refused_row(monkeypatch):
+    """PEFT's EVA cycles over the calibration batches with no limit of its own: past the bound, the row says so."""
+    from loranull_kernels.bench import peft_peers
+
+    monkeypatch.setattr(peft_peers, "EVA_MAX_PASSES", 0)
+    model, tok = tiny_llama()
+    cfg = dataclasses.replace(TINY_CFG, seeds=(0,), adapter_lrs=(1e-2,), methods=("peft",), peers=("peft:eva",))
+    setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS, progress=False)
+    (row,) = llm_forgetting.run(cfg, setup=setup, progress=False, cache=False)["runs"]
+    assert row["refused"].startswith("RuntimeError: EVA did not converge in 0 passes") and math.isnan(row["retention"])
+
+
 def markdown_table_of(runs):
     from loranull_kernels.bench.forgetting_table import markdown_table, summarize
 
