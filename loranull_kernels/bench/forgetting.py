@@ -101,6 +101,21 @@ class BenchmarkConfig:
         check_peers(self.peers)
 
 
+def with_run_choices(cfg, methods=None, seeds=None, lrs=None, peers=None):
+    """``cfg`` (either forgetting benchmark's configuration: both carry these fields) with the command line's
+    ``--methods``, ``--seeds``, ``--lrs`` and ``--peers`` applied where given (duplicates dropped). Raises ValueError
+    for an unknown peer."""
+    if methods is not None:
+        cfg = dataclasses.replace(cfg, methods=tuple(methods))
+    if seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(seeds)))
+    if lrs is not None:
+        cfg = dataclasses.replace(cfg, adapter_lrs=tuple(dict.fromkeys(lrs)))
+    if peers is not None:
+        cfg = dataclasses.replace(cfg, peers=tuple(dict.fromkeys(peers)))
+    return cfg
+
+
 def check_peers(peers: tuple[str, ...]) -> None:
     """ValueError for a peer name :data:`.peft_peers.PEERS` does not declare."""
     unknown = [p for p in peers if p not in PEERS]

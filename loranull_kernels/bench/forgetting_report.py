@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import _cli
 from . import harness
-from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run
+from .forgetting import FULL, QUICK, BenchmarkConfig, methods, run, with_run_choices
 from .forgetting_table import front_table, markdown_table, plot, summarize
 
 
@@ -129,20 +129,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_common_args(cfg, args):
-    """``--methods``, ``--seeds``, ``--lrs`` and ``--peers`` applied to either benchmark's configuration (both carry
-    those fields). Raises ValueError for an unknown peer."""
-    if args.methods is not None:
-        cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
-    if args.seeds is not None:
-        cfg = dataclasses.replace(cfg, seeds=tuple(dict.fromkeys(args.seeds)))
-    if args.lrs is not None:
-        cfg = dataclasses.replace(cfg, adapter_lrs=tuple(dict.fromkeys(args.lrs)))
-    if args.peers is not None:
-        cfg = dataclasses.replace(cfg, peers=tuple(dict.fromkeys(args.peers)))
-    return cfg
-
-
 def main(argv=None) -> dict:
     """Command line: run the benchmark, write its files, print the table. Every argument is checked before any
     pre-training or fine-tuning starts (exit status 2 with a one-line message)."""
@@ -180,7 +166,7 @@ def main(argv=None) -> dict:
     try:
         if args.methods is not None:
             cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
-        cfg = apply_common_args(cfg, args)
+        cfg = with_run_choices(cfg, args.methods, args.seeds, args.lrs, args.peers)
         if args.pretrain_steps is not None:
             cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, steps=args.pretrain_steps))
         methods(cfg)  # unknown method names fail here, not after pre-training

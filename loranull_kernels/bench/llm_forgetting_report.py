@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import harness, llm_model
 from .forgetting_table import front_table, markdown_table, plot, summarize
-from .forgetting_report import apply_common_args
+from .forgetting import with_run_choices
 from .llm_forgetting import FULL, QUICK, LLMBenchmarkConfig, methods, run
 
 
@@ -57,7 +57,7 @@ def config_from_args(args) -> LLMBenchmarkConfig:
     bitsandbytes, and FileNotFoundError for a missing model file or folder, or a Hugging Face id neither the hub nor
     its cache has, before any model is loaded."""
     llm_model.check_available(llm_model.resolve(args.model))
-    cfg = apply_common_args(QUICK if args.quick else FULL, args)
+    cfg = with_run_choices(QUICK if args.quick else FULL, args.methods, args.seeds, args.lrs, args.peers)
     for name in ("task", "calibration", "calibration_fraction"):
         if getattr(args, name, None) is not None:
             cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
