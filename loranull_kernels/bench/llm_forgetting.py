@@ -235,14 +235,21 @@ def _initialised(setup: LLMSetup, method, seed: int) -> tuple:
     """A fresh copy of the base model with ``method`` attached (init seed ``seed``), and its recall, knowledge leak
     and task leak at init. The last one built is kept (``setup.last_init``) and copied for the next run of the same
     method and seed: the learning-rate sweep then pays once for the SVD-based inits (MiLoRA's full SVDs of 210
-    matrices take minutes on 2 cores)."""
+    matrices take minutes on 2 cores). A refusal is kept too, so PEFT is not asked again at every rate (EVA's bounded
+    attempt takes 40 s)."""
     key = (method.name, repr(method.config), seed)
     if setup.last_init is None or setup.last_init[0] != key:
         setup.last_init = None  # free the previous copy before building the next
-        model = attach(copy.deepcopy(setup.base), method, seed, [_to(b, setup.device) for b in setup.calibration],
-                       [_to(b, setup.device) for b in setup.source], setup.config.r, setup.config.targets)
+        try:
+            model = attach(copy.deepcopy(setup.base), method, seed, [_to(b, setup.device) for b in setup.calibration],
+                           [_to(b, setup.device) for b in setup.source], setup.config.r, setup.config.targets)
+        except Refused as e:
+            setup.last_init = (key, e)
+            raise
         recall, leak = knowledge(model, setup)
         setup.last_init = (key, model, recall, leak, mean_leak(model, _to(setup.task_leak_batch, setup.device)))
+    if isinstance(setup.last_init[1], Refused):
+        raise setup.last_init[1]
     _, model, recall, leak, task_leak = setup.last_init
     return copy.deepcopy(model), recall, leak, task_leak
 

@@ -301,12 +301,19 @@ def test_eva_that_does_not_converge_is_a_refused_row(monkeypatch):
     """PEFT's EVA cycles over the calibration batches with no limit of its own: past the bound, the row says so."""
     from loranull_kernels.bench import peft_peers
 
+    from loranull_kernels.bench import forgetting
+
     monkeypatch.setattr(peft_peers, "EVA_MAX_PASSES", 0)
+    tries = []
+    monkeypatch.setattr(forgetting, "attach_peer", lambda *a: tries.append(1) or peft_peers.attach(*a))
     model, tok = tiny_llama()
-    cfg = dataclasses.replace(TINY_CFG, seeds=(0,), adapter_lrs=(1e-2,), methods=("peft",), peers=("peft:eva",))
+    cfg = dataclasses.replace(TINY_CFG, seeds=(0,), adapter_lrs=(1e-3, 1e-2), methods=("peft",), peers=("peft:eva",))
     setup = llm_forgetting.prepare(cfg, model=model, tokenizer=tok, name="tiny-llama", facts=CAPITALS, progress=False)
-    (row,) = llm_forgetting.run(cfg, setup=setup, progress=False, cache=False)["runs"]
-    assert row["refused"].startswith("RuntimeError: EVA did not converge in 0 passes") and math.isnan(row["retention"])
+    rows = llm_forgetting.run(cfg, setup=setup, progress=False, cache=False)["runs"]
+    assert len(rows) == 2 and len(tries) == 1  # the refusal is kept for the other rate, PEFT asked once
+    for row in rows:
+        assert row["refused"].startswith("RuntimeError: EVA did not converge in 0 passes")
+        assert math.isnan(row["retention"])
 
 
 def markdown_table_of(runs):
